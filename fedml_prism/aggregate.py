@@ -1,0 +1,134 @@
+"""Aggregation as pure functions: ``(server state, accepted client updates) -> new server state``.
+
+- :func:`aggregate_components`: paper Eq. 3, per principal component ``i``:
+  ``u_i ← Σ_c α_i^c u_i^c``, ``v_i ← Σ_c α_i^c v_i^c`` with ``α_i^c = w_c / Σ_{c' ∈ C_i} w_{c'}``
+  over the clients ``C_i`` that trained ``i`` (``w_c = 1`` gives the paper's ``1/C_i``). σ is frozen.
+  Components no client trained are copied bit for bit.
+- :func:`average_elements`: FedAvg of dense entries; for the channel baselines (HeteroFL, FedRolex)
+  every element is averaged over the clients that hold it, and elements nobody held stay as they were.
+- :func:`check_update`: why an update must be left out (wrong keys, shapes, indices, non-finite).
+
+Sums run in float64 and are cast back, so averaging identical updates reproduces them exactly.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .decompose import Factors
+from .submodel import META
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """An accepted client update in server terms: its ``up`` payload, its weight ``w_c``, and the
+    selection the *server* recorded when it sent the sub-model."""
+
+    payload: Mapping[str, Tensor]
+    weight: float = 1.0
+    components: Mapping[str, Tensor] = field(default_factory=dict)
+    rows: Mapping[str, Tensor] = field(default_factory=dict)
+    cols: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+def aggregate_components(
+    factors: Mapping[str, Factors], contributions: Sequence[Contribution]
+) -> dict[str, Factors]:
+    """Eq. 3 for every factorized layer (see module docstring). Returns new ``Factors``."""
+    out: dict[str, Factors] = {}
+    for name, f in factors.items():
+        sum_u = torch.zeros(f.u.shape, dtype=torch.float64)
+        sum_v = torch.zeros(f.v.shape, dtype=torch.float64)
+        weight = torch.zeros(len(f.sigma), dtype=torch.float64)
+        for c in contributions:
+            idx = c.components.get(name)
+            if idx is None:
+                continue
+            sum_u.index_add_(1, idx, c.payload[name + ".u"].to(torch.float64) * c.weight)
+            sum_v.index_add_(0, idx, c.payload[name + ".v"].to(torch.float64) * c.weight)
+            weight.index_add_(0, idx, torch.full((len(idx),), float(c.weight), dtype=torch.float64))
+        hit = weight > 0
+        u, v = f.u.clone(), f.v.clone()
+        if hit.any():
+            w = weight[hit]
+            u[:, hit] = (sum_u[:, hit] / w).to(u.dtype)
+            v[hit] = (sum_v[hit] / w.view(-1, *([1] * (v.dim() - 1)))).to(v.dtype)
+        out[name] = Factors(u, f.sigma.clone(), v)
+    return out
+
+
+def _scatter(value: Tensor, shape: torch.Size, rows: Tensor | None, cols: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Place a cut tensor into a zero tensor of the full ``shape``; also return its 0/1 mask."""
+    mask = torch.ones_like(value)
+    if cols is not None:
+        wide = (value.shape[0], shape[1], *value.shape[2:])
+        value = torch.zeros(wide, dtype=value.dtype).index_copy_(1, cols, value)
+        mask = torch.zeros(wide, dtype=value.dtype).index_copy_(1, cols, mask)
+    if rows is not None:
+        value = torch.zeros(shape, dtype=value.dtype).index_copy_(0, rows, value)
+        mask = torch.zeros(shape, dtype=value.dtype).index_copy_(0, rows, mask)
+    return value, mask
+
+
+def average_elements(
+    state: Mapping[str, Tensor], contributions: Sequence[Contribution]
+) -> OrderedDict[str, Tensor]:
+    """Weighted element-wise average of every entry of ``state`` over the clients holding it."""
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    for key, old in state.items():
+        module = key.rpartition(".")[0]
+        acc = torch.zeros(old.shape, dtype=torch.float64)
+        cnt = torch.zeros(old.shape, dtype=torch.float64)
+        for c in contributions:
+            value = c.payload[key].to(torch.float64)
+            rows = c.rows.get(module) if old.dim() >= 1 else None
+            cols = c.cols.get(module) if old.dim() >= 2 else None
+            if rows is None and cols is None:
+                acc += value * c.weight
+                cnt += c.weight
+            else:
+                value, mask = _scatter(value, old.shape, rows, cols)
+                acc += value * c.weight
+                cnt += mask * c.weight
+        mean = acc / cnt.clamp_min(1e-300)
+        if not old.is_floating_point():
+            mean = mean.round()
+        out[key] = torch.where(cnt > 0, mean.to(old.dtype), old)
+    return out
+
+
+def check_update(
+    payload: object, expected: Mapping[str, torch.Size], indices: Mapping[str, Tensor]
+) -> str | None:
+    """``None`` if ``payload`` is a well-formed ``up`` payload for the recorded sub-model, else the
+    reason to reject it. ``expected`` maps every trainable entry to its shape; ``indices`` holds the
+    ``prism::…`` selection entries the server sent (a client cannot change them)."""
+    if not isinstance(payload, Mapping):
+        return f"payload is a {type(payload).__name__}, not a mapping of tensors"
+    keys = set(payload) - {META}
+    missing = sorted(set(expected) - keys)
+    extra = sorted(keys - set(expected) - set(indices))
+    if missing:
+        return f"missing keys {missing[:5]}{'…' if len(missing) > 5 else ''}"
+    if extra:
+        return f"unexpected keys {extra[:5]}{'…' if len(extra) > 5 else ''}"
+    for key, idx in indices.items():
+        sent = payload.get(key)
+        if sent is None:
+            return f"missing index entry {key!r}"
+        if not isinstance(sent, Tensor) or sent.shape != idx.shape or not torch.equal(sent.cpu().long(), idx):
+            return f"index entry {key!r} differs from what the server sent"
+    for key, shape in expected.items():
+        value = payload[key]
+        if not isinstance(value, Tensor):
+            return f"{key!r} is a {type(value).__name__}, not a tensor"
+        if value.shape != shape:
+            return f"{key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}"
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"{key!r} has non-finite values"
+    return None

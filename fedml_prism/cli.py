@@ -1,0 +1,114 @@
+"""``fedml-prism`` console script.
+
+Subcommands:
+  costs   parameters, MACs and bytes of a sub-model next to the dense model
+  run     run a fedml_config.yaml on a FedML runtime (see README)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .config import STRATEGIES
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: expected integers like 3,32,32") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"--input-shape {text!r}: every dimension must be > 0")
+    return shape
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--keep-ratio {text!r}: expected a number in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"--keep-ratio {value}: allowed range is (0, 1]")
+    return value
+
+
+def _model_kwargs(items: Sequence[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--model-arg {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_costs(args: argparse.Namespace) -> int:
+    from .config import PrismConfig
+    from .costs import format_costs, submodel_costs
+    from .models import create_model
+    from .principal import PrincipalModel
+
+    model = create_model(args.model, **_model_kwargs(args.model_arg))
+    pm = PrincipalModel(model, PrismConfig(strategy=args.strategy, keep_ratio=args.keep_ratio, seed=args.seed))
+    report = submodel_costs(pm, pm.sample_submodel(client_id=0, round_idx=0), args.input_shape)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_costs(report))
+        if args.layers:
+            print(f"\n{'layer':32}{'kind':>18}{'params':>12}{'dense':>12}{'MACs':>14}{'dense MACs':>14}")
+            for lc in report.layers:
+                print(f"{lc.name:32}{lc.kind:>18}{lc.params:>12,}{lc.dense_params:>12,}{lc.macs:>14,}{lc.dense_macs:>14,}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import main as run_main
+
+    return run_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedml-prism", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    costs = sub.add_parser("costs", help="sub-model parameters, MACs and bytes next to the dense model")
+    costs.add_argument("--model", required=True, help="built-in name (resnet18_cifar, cnn, …) or package.module:callable")
+    costs.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for the model factory (JSON value)")
+    costs.add_argument("--input-shape", required=True, type=_shape, help="C,H,W of one input")
+    costs.add_argument("--keep-ratio", type=_ratio, default=0.2)
+    costs.add_argument("--strategy", choices=STRATEGIES, default="prism")
+    costs.add_argument("--seed", type=int, default=0)
+    costs.add_argument("--json", action="store_true", help="print JSON (with per-layer costs)")
+    costs.add_argument("--layers", action="store_true", help="also print the per-layer table")
+    costs.set_defaults(func=cmd_costs)
+
+    run = sub.add_parser("run", help="run a fedml_config.yaml (sp simulation, MPI, gRPC, MQTT_S3)")
+    run.add_argument("--cf", required=True, help="fedml_config.yaml")
+    run.add_argument("--rank", type=int, default=0)
+    run.add_argument("--role", choices=("server", "client"), default="server")
+    run.add_argument("--run_id", default="0")
+    run.add_argument("--output-dir", default=None, help="where metrics and checkpoints go")
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"fedml-prism {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

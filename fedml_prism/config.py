@@ -1,0 +1,156 @@
+"""The one validated, frozen configuration object of the PriSM engine.
+
+Everything the engine needs is here; FedML's ``args`` never reaches the core (the FedML glue builds a
+``PrismConfig`` once with :meth:`PrismConfig.from_mapping`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+#: Strategies that sample in the orthogonal (principal) space.
+PRINCIPAL_STRATEGIES = ("prism", "uniform", "orthdrop")
+#: Strategies that keep the dense model and cut original channels (or none for ``full``).
+CHANNEL_STRATEGIES = ("origdrop", "rolex", "full")
+STRATEGIES = PRINCIPAL_STRATEGIES + CHANNEL_STRATEGIES
+WEIGHTINGS = ("uniform", "samples")
+SVD_DTYPES = ("float32", "float64")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"PrismConfig.{name}={value!r} is invalid: allowed {allowed}")
+
+
+def _check_ratio(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(name, value, "a number in (0, 1]")
+    value = float(value)
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        _fail(name, value, "a number in (0, 1]")
+    return value
+
+
+@dataclass(frozen=True)
+class PrismConfig:
+    """Settings of one PriSM (or baseline) federated job.
+
+    Attributes:
+        strategy: ``prism`` (importance sampling, Eq. 2), ``uniform`` (prism with ``kappa=0``),
+            ``orthdrop`` (the same top components for everyone, FedHM), ``origdrop``
+            (HeteroFL/FjORD first channels), ``rolex`` (FedRolex rolling window) or ``full`` (FedAvg).
+        keep_ratio: fraction ρ of components (or channels) every client keeps, in (0, 1].
+        capacities: optional ``{keep_ratio: probability}``; each client draws its keep ratio once
+            from it (heterogeneous clients). Overrides ``keep_ratio``.
+        kappa: smooth factor κ ≥ 0 of the sampling probabilities ``p_i ∝ σ_i^κ``.
+        reg_lambda: λ of the Eq. 4 regularizer on the kept principal kernels (replaces weight decay
+            on the factors).
+        seed: root of every random choice (samplers and capacity draws).
+        weighting: ``uniform`` (α = 1/C_i, the paper) or ``samples`` (weights ∝ client sample count).
+        factorize_include: module name patterns (fnmatch) or type names forced into principal form.
+        factorize_exclude: module name patterns or type names kept dense (wins over include).
+        skip_first_conv / skip_1x1 / skip_classifier / skip_no_saving: the paper's default rule.
+        static_bn: convert BatchNorm layers to ``track_running_stats=False``.
+        svd_dtype: precision of the decompositions (``float32`` or ``float64``).
+        refresh: re-decompose every factorized layer after each aggregation (orthogonal refresh).
+    """
+
+    strategy: str = "prism"
+    keep_ratio: float = 0.2
+    capacities: Mapping[float, float] | None = None
+    kappa: float = 2.5
+    reg_lambda: float = 5e-4
+    seed: int = 0
+    weighting: str = "uniform"
+    factorize_include: tuple[str, ...] = ()
+    factorize_exclude: tuple[str, ...] = ()
+    skip_first_conv: bool = True
+    skip_1x1: bool = True
+    skip_classifier: bool = True
+    skip_no_saving: bool = True
+    static_bn: bool = True
+    svd_dtype: str = "float32"
+    refresh: bool = True
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            _fail("strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
+        object.__setattr__(self, "keep_ratio", _check_ratio("keep_ratio", self.keep_ratio))
+        if self.capacities is not None:
+            object.__setattr__(self, "capacities", self._check_capacities(self.capacities))
+        if isinstance(self.kappa, bool) or not isinstance(self.kappa, (int, float)) or not (
+            self.kappa >= 0 and math.isfinite(self.kappa)
+        ):
+            _fail("kappa", self.kappa, "a finite number >= 0")
+        if self.strategy == "uniform":
+            object.__setattr__(self, "kappa", 0.0)
+        if not isinstance(self.reg_lambda, (int, float)) or not (
+            self.reg_lambda >= 0 and math.isfinite(self.reg_lambda)
+        ):
+            _fail("reg_lambda", self.reg_lambda, "a finite number >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            _fail("seed", self.seed, "an integer >= 0")
+        if self.weighting not in WEIGHTINGS:
+            _fail("weighting", self.weighting, f"one of {', '.join(WEIGHTINGS)}")
+        if self.svd_dtype not in SVD_DTYPES:
+            _fail("svd_dtype", self.svd_dtype, f"one of {', '.join(SVD_DTYPES)}")
+        for name in ("factorize_include", "factorize_exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if not all(isinstance(p, str) and p for p in value):
+                _fail(name, value, "a list of module name patterns or type names")
+            object.__setattr__(self, name, tuple(value))
+
+    @staticmethod
+    def _check_capacities(capacities: Mapping[Any, Any]) -> dict[float, float]:
+        if not isinstance(capacities, Mapping) or not capacities:
+            _fail("capacities", capacities, "a non-empty mapping {keep_ratio: probability}")
+        out: dict[float, float] = {}
+        for ratio, prob in capacities.items():
+            try:
+                ratio_f = float(ratio)
+            except (TypeError, ValueError):
+                _fail("capacities", capacities, "keys that are keep ratios in (0, 1]")
+            out[_check_ratio("capacities (key)", ratio_f)] = float(prob)
+        if any(p < 0 or not math.isfinite(p) for p in out.values()):
+            _fail("capacities", capacities, "probabilities >= 0")
+        total = sum(out.values())
+        if not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-6):
+            _fail("capacities", capacities, f"probabilities that sum to 1 (they sum to {total:g})")
+        return dict(sorted(out.items()))
+
+    @property
+    def principal(self) -> bool:
+        """True for the strategies that train principal kernels (prism, uniform, orthdrop)."""
+        return self.strategy in PRINCIPAL_STRATEGIES
+
+    @property
+    def max_keep_ratio(self) -> float:
+        """The largest keep ratio any client can get."""
+        return max(self.capacities) if self.capacities else self.keep_ratio
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> PrismConfig:
+        """Build from a plain mapping (e.g. the ``prism_args`` section of a fedml_config.yaml).
+
+        Unknown keys raise a ``ValueError`` that lists the known ones.
+        """
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"prism_args has unknown key(s) {unknown}: allowed keys are {sorted(known)}"
+            )
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, YAML/JSON friendly view (the inverse of :meth:`from_mapping`)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out["factorize_include"] = list(self.factorize_include)
+        out["factorize_exclude"] = list(self.factorize_exclude)
+        out["capacities"] = dict(self.capacities) if self.capacities else None
+        return out

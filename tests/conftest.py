@@ -1,0 +1,38 @@
+"""Tiny CPU models shared by the engine tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedml_prism.models import cnn, resnet_tiny
+
+
+def _conv(kernel: int | tuple[int, int], stride: int = 1, padding: int = 0, dilation: int = 1) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(4, 12, kernel, stride, padding, dilation),
+        nn.ReLU(),
+        nn.Flatten(),
+    )
+
+
+# name -> (factory, input shape of one sample)
+TINY_MODELS = {
+    "conv3x3": (lambda: _conv(3, padding=1), (4, 9, 9)),
+    "conv5x5_stride2": (lambda: _conv(5, stride=2, padding=2), (4, 9, 9)),
+    "conv3x3_dilation2": (lambda: _conv(3, padding=2, dilation=2), (4, 9, 9)),
+    "conv_rect_1x3": (lambda: _conv((1, 3), padding=0), (4, 9, 9)),
+    "linear": (lambda: nn.Sequential(nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 6)), (10,)),
+    "tiny_cnn": (lambda: cnn(num_classes=4, in_channels=1, image_size=12, width=0.125, hidden=16), (1, 12, 12)),
+    "tiny_resnet": (lambda: resnet_tiny(num_classes=4, width=0.125), (3, 8, 8)),
+}
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny(request: pytest.FixtureRequest) -> tuple[str, nn.Module, torch.Tensor]:
+    """(name, model, a batch of 6 inputs) with fixed seeds."""
+    factory, shape = TINY_MODELS[request.param]
+    torch.manual_seed(0)
+    model = factory()
+    return request.param, model, torch.randn(6, *shape, generator=torch.Generator().manual_seed(1))
