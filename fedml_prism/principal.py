@@ -46,6 +46,7 @@ class ClientUpdate:
     client_id: int
     payload: Mapping[str, Tensor]
     num_samples: int = 1
+    train_loss: float = float("nan")
 
 
 @dataclass
@@ -61,10 +62,14 @@ class AggregateReport:
 
 @dataclass
 class _Sent:
+    """What the server remembers of a sent sub-model (no tensors of the model itself)."""
+
     keep_ratio: float
     shapes: dict[str, torch.Size]
     indices: dict[str, Tensor]
-    sub: SubModel
+    components: dict[str, Tensor]
+    rows: dict[str, Tensor]
+    cols: dict[str, Tensor]
 
 
 class PrincipalModel:
@@ -109,8 +114,13 @@ class PrincipalModel:
             return draw_capacity(self.config.capacities, self.config.seed, client_id)
         return self.config.keep_ratio
 
-    def sample_submodel(self, client_id: int, round_idx: int, device: torch.device | str = "cpu") -> SubModel:
-        """Build client ``client_id``'s sub-model for round ``round_idx`` and remember what was sent."""
+    def sample_submodel(
+        self, client_id: int, round_idx: int, device: torch.device | str = "cpu", record: bool = True
+    ) -> SubModel:
+        """Build client ``client_id``'s sub-model for round ``round_idx`` and remember what was sent
+        (``record=False``: a preview, e.g. for cost reports, that no update can answer)."""
+        if not record:
+            return self._build(client_id, round_idx, self.keep_ratio_for(client_id), device)
         if self._open_round is not None and round_idx != self._open_round and self._sent:
             log.warning(
                 "round %d opened while round %d had %d unaggregated sub-models; dropping them",
@@ -119,18 +129,22 @@ class PrincipalModel:
             self._sent.clear()
         self._open_round = round_idx
         rho = self.keep_ratio_for(client_id)
-        if self.config.principal:
-            sub = self._sample_principal(client_id, round_idx, rho, device)
-        else:
-            sub = self._sample_channels(client_id, round_idx, rho, device)
+        sub = self._build(client_id, round_idx, rho, device)
         up = sub.to_payload("up")
         self._sent[client_id] = _Sent(
             rho,
             {k: v.shape for k, v in up.items() if not k.startswith(RESERVED)},
             sub.index_entries(),
-            sub,
+            sub.components,
+            sub.rows,
+            sub.cols,
         )
         return sub
+
+    def _build(self, client_id: int, round_idx: int, rho: float, device: Any) -> SubModel:
+        if self.config.principal:
+            return self._sample_principal(client_id, round_idx, rho, device)
+        return self._sample_channels(client_id, round_idx, rho, device)
 
     def _sample_principal(self, client_id: int, round_idx: int, rho: float, device: Any) -> SubModel:
         g = make_generator(self.config.seed, "sample", round_idx, client_id)
@@ -179,10 +193,9 @@ class PrincipalModel:
         cols = {n: c for n, (_, c) in slices.items() if c is not None}
         return SubModel(module, self.config.strategy, client_id, round_idx, rho, rows=rows, cols=cols)
 
-    def sent_submodel(self, client_id: int) -> SubModel | None:
-        """The sub-model sent to ``client_id`` in the open round (``None`` if none was)."""
-        sent = self._sent.get(client_id)
-        return sent.sub if sent else None
+    def pending_clients(self) -> list[int]:
+        """Clients that were sent a sub-model in the open round."""
+        return sorted(self._sent)
 
     # ------------------------------------------------------------------ aggregation
     def aggregate(self, updates: Iterable[tuple[SubModel, int] | ClientUpdate]) -> AggregateReport:
@@ -200,6 +213,8 @@ class PrincipalModel:
             sent = self._sent.get(client_id)
             if sent is None:
                 reason = f"no sub-model was sent to client {client_id} in this round"
+            elif client_id in report.accepted:
+                reason = f"a second update from client {client_id} in this round"
             elif isinstance(num, bool) or not isinstance(num, (int, float)) or not (num > 0 and math.isfinite(num)):
                 reason = f"num_samples={num!r} is not a positive number"
             else:
@@ -209,10 +224,10 @@ class PrincipalModel:
                 report.rejected[client_id] = reason
                 continue
             weight = float(num) if self.config.weighting == "samples" else 1.0
-            contributions.append(
-                Contribution(payload, weight, sent.sub.components, sent.sub.rows, sent.sub.cols)
-            )
+            contributions.append((client_id, Contribution(payload, weight, sent.components, sent.rows, sent.cols)))
             report.accepted.append(client_id)
+        # a fixed order (by client id) makes the float sums independent of arrival order
+        contributions = [c for _, c in sorted(contributions, key=lambda item: item[0])]
         if contributions:
             self.dense = average_elements(self.dense, contributions)
             if self.layers:

@@ -129,15 +129,21 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(pm, caplog) -> None:
     updates = [
         ClientUpdate(0, good, 3), ClientUpdate(1, bad_shape, 3), ClientUpdate(2, bad_index, 3),
         ClientUpdate(3, missing, 3), ClientUpdate(4, extra, 3), ClientUpdate(5, nan, 3),
-        ClientUpdate(77, good, 3), ClientUpdate(0, good, 0),
+        ClientUpdate(77, good, 3), ClientUpdate(0, good, 3),
     ]
     report = pm.aggregate(updates)
     assert report.accepted == [0]
     assert "shape" in report.rejected[1] and "differs from what the server sent" in report.rejected[2]
     assert "missing keys" in report.rejected[3] and "unexpected keys" in report.rejected[4]
     assert "non-finite" in report.rejected[5] and "no sub-model was sent" in report.rejected[77]
-    assert "num_samples" in report.rejected[0]
+    assert "second update" in report.rejected[0]
     assert "rejected update of client 5" in caplog.text
+
+
+def test_non_positive_sample_count_is_rejected(pm) -> None:
+    sub = pm.sample_submodel(0, 0)
+    report = pm.aggregate([ClientUpdate(0, sub.to_payload("up"), 0)])
+    assert report.accepted == [] and "num_samples=0" in report.rejected[0]
 
 
 def test_refresh_failure_keeps_factors_and_continues(pm, monkeypatch) -> None:

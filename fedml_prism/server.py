@@ -1,0 +1,335 @@
+"""Rounds of a PriSM job, independent of any transport (no FedML import).
+
+``PrismServer`` selects clients, hands out sub-model payloads (one per client, or bundled per worker
+process so one process can train several clients a round), aggregates, evaluates, logs one line per
+round, writes ``metrics.csv`` / ``metrics.json`` and checkpoints. ``PrismClient`` trains payloads.
+The FedML glue (:mod:`fedml_prism.fedml_glue`) wraps these two; every runtime goes through them.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .config import PrismConfig
+from .layers import convert_static_bn
+from .principal import AggregateReport, ClientUpdate, PrincipalModel
+from .sampling import make_generator
+from .submodel import SubModel, meta_skeleton
+from .train import evaluate, local_train
+
+log = logging.getLogger("fedml_prism")
+
+NUM_SAMPLES = "prism::num_samples"
+TRAIN_LOSS = "prism::train_loss"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """FedML's usual training keys, validated once."""
+
+    comm_round: int = 10
+    client_num_in_total: int = 10
+    client_num_per_round: int = 10
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    clip_grad_norm: float = 5.0
+    frequency_of_the_test: int = 1
+    checkpoint_every: int = 1
+    min_clients_per_round: int = 1
+    round_timeout_s: float = 600.0
+    output_dir: str = "outputs"
+
+    def __post_init__(self) -> None:
+        positive_int = ("comm_round", "client_num_in_total", "client_num_per_round", "epochs", "batch_size",
+                        "frequency_of_the_test", "checkpoint_every", "min_clients_per_round")
+        for name in positive_int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: allowed an integer >= 1")
+        for name in ("learning_rate", "round_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}={value!r} is invalid: allowed a number > 0")
+        for name in ("momentum", "weight_decay", "clip_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name}={value!r} is invalid: allowed a number >= 0")
+        if self.client_num_per_round > self.client_num_in_total:
+            raise ValueError(
+                f"client_num_per_round={self.client_num_per_round} is invalid: allowed at most "
+                f"client_num_in_total={self.client_num_in_total}"
+            )
+        if self.min_clients_per_round > self.client_num_per_round:
+            raise ValueError(
+                f"min_clients_per_round={self.min_clients_per_round} is invalid: allowed at most "
+                f"client_num_per_round={self.client_num_per_round}"
+            )
+
+    @classmethod
+    def from_args(cls, args: Any, **override: Any) -> RunSettings:
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        values.update(override)
+        return cls(**values)
+
+
+def select_clients(seed: int, round_idx: int, total: int, per_round: int) -> list[int]:
+    """The round's clients: ``per_round`` of ``total``, uniformly, seeded by (seed, round)."""
+    perm = torch.randperm(total, generator=make_generator(seed, "select", round_idx))
+    return sorted(perm[:per_round].tolist())
+
+
+def assign_to_workers(clients: list[int], workers: int) -> list[list[int]]:
+    """Round-robin: worker ``w`` trains ``clients[w::workers]``."""
+    return [clients[w::workers] for w in range(workers)]
+
+
+def pack_bundle(payloads: Mapping[int, Mapping[str, Tensor]]) -> OrderedDict[str, Tensor]:
+    """Several clients' payloads in one flat ``dict[str, Tensor]``: keys ``c<id>/<key>``."""
+    out: OrderedDict[str, Tensor] = OrderedDict()
+    for cid, payload in payloads.items():
+        for key, value in payload.items():
+            out[f"c{cid}/{key}"] = value
+    return out
+
+
+def unpack_bundle(bundle: Mapping[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+    """Inverse of :func:`pack_bundle`; raises ``ValueError`` on a malformed key."""
+    out: dict[int, dict[str, Tensor]] = {}
+    for key, value in bundle.items():
+        head, sep, rest = key.partition("/")
+        if not sep or not head.startswith("c") or not head[1:].isdigit():
+            raise ValueError(f"bundle key {key!r} is not of the form c<client id>/<entry>")
+        out.setdefault(int(head[1:]), {})[rest] = value
+    return out
+
+
+def payload_bytes(payload: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+class PrismServer:
+    """The server's side of a job: one object per run, whatever the transport."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PrismConfig,
+        settings: RunSettings,
+        test_data: Iterable | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config, self.settings = config, settings
+        self.pm = PrincipalModel(model, config)
+        self.test_data, self.device = test_data, device
+        self.metrics: list[dict[str, Any]] = []
+        self.selected: list[int] = []
+        self._bytes_down = 0
+        self._round_start = time.time()
+        self._run_start = time.time()
+        os.makedirs(settings.output_dir, exist_ok=True)
+
+    @property
+    def round_idx(self) -> int:
+        """The round being played (= rounds aggregated so far)."""
+        return self.pm.rounds_done
+
+    @property
+    def finished(self) -> bool:
+        return self.round_idx >= self.settings.comm_round
+
+    # ---------------------------------------------------------------- handing out sub-models
+    def open_round(self) -> list[int]:
+        """Select this round's clients; returns their ids."""
+        s = self.settings
+        self.selected = select_clients(self.config.seed, self.round_idx, s.client_num_in_total, s.client_num_per_round)
+        self._bytes_down = 0
+        self._round_start = time.time()
+        return self.selected
+
+    def payload_for(self, client_id: int) -> dict[str, Tensor]:
+        """The ``down`` payload of one selected client (the server remembers what it sent)."""
+        payload = self.pm.sample_submodel(client_id, self.round_idx).to_payload("down")
+        self._bytes_down += payload_bytes(payload)
+        return payload
+
+    def bundles(self, workers: int) -> dict[int, OrderedDict[str, Tensor]]:
+        """Open a round and give each of ``workers`` processes the payloads of its clients."""
+        self.open_round()
+        return {
+            w: pack_bundle({cid: self.payload_for(cid) for cid in clients})
+            for w, clients in enumerate(assign_to_workers(self.selected, workers))
+        }
+
+    # ---------------------------------------------------------------- closing a round
+    def updates_from_bundles(self, bundles: Iterable[Mapping[str, Tensor]]) -> list[ClientUpdate]:
+        """Turn uploaded bundles into updates; entries of clients not selected are dropped."""
+        updates = []
+        for bundle in bundles:
+            try:
+                per_client = unpack_bundle(bundle)
+            except (ValueError, AttributeError, TypeError) as err:
+                log.warning("round %d: dropped a malformed bundle: %s", self.round_idx, err)
+                continue
+            for cid, payload in per_client.items():
+                if cid not in self.selected:
+                    log.warning("round %d: dropped an update for client %d, which was not selected", self.round_idx, cid)
+                    continue
+                num = payload.pop(NUM_SAMPLES, torch.tensor(0))
+                loss = payload.pop(TRAIN_LOSS, torch.tensor(float("nan")))
+                updates.append(ClientUpdate(cid, payload, int(num), float(loss)))
+        return updates
+
+    def close_round(self, updates: list[ClientUpdate]) -> dict[str, Any]:
+        """Aggregate, evaluate, log, write metrics, checkpoint. Returns the round's metrics row."""
+        r = self.round_idx
+        s = self.settings
+        valid = [u for u in updates if u.client_id in self.selected]
+        if len({u.client_id for u in valid}) < s.min_clients_per_round:
+            log.warning("round %d: %d updates < min_clients_per_round=%d; the global model is kept",
+                        r, len(valid), s.min_clients_per_round)
+            report = self.pm.aggregate([])
+        else:
+            report = self.pm.aggregate(valid)
+        accepted = [u for u in valid if u.client_id in report.accepted]
+        row = self._metrics_row(r, report, accepted)
+        self.metrics.append(row)
+        self._write_metrics()
+        if (r + 1) % s.checkpoint_every == 0 or self.finished:
+            self.save_checkpoint()
+        log.info(
+            "round %d/%d | acc %s | loss %s | train %.4f | clients %d/%d | down %.2f MB up %.2f MB | %.1f s",
+            r + 1, s.comm_round, _fmt(row["test_acc"]), _fmt(row["test_loss"]), row["train_loss"],
+            row["clients"], len(self.selected), row["bytes_down"] / 1e6, row["bytes_up"] / 1e6, row["round_s"],
+        )
+        return row
+
+    def _metrics_row(self, r: int, report: AggregateReport, accepted: list[ClientUpdate]) -> dict[str, Any]:
+        acc = loss = float("nan")
+        last = r + 1 == self.settings.comm_round
+        if self.test_data is not None and ((r + 1) % self.settings.frequency_of_the_test == 0 or last):
+            acc, loss = evaluate(self.pm.dense_model(self.device), self.test_data, self.device)
+        losses = [u.train_loss for u in accepted if u.train_loss == u.train_loss]
+        now = time.time()
+        return {
+            "round": r + 1,
+            "strategy": self.config.strategy,
+            "test_acc": acc,
+            "test_loss": loss,
+            "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+            "clients": len(report.accepted),
+            "rejected": len(report.rejected),
+            "coverage": report.coverage,
+            "bytes_down": self._bytes_down,
+            "bytes_up": sum(payload_bytes(u.payload) for u in accepted),
+            "round_s": now - self._round_start,
+            "elapsed_s": now - self._run_start,
+        }
+
+    def _write_metrics(self) -> None:
+        out = self.settings.output_dir
+        _atomic_write(os.path.join(out, "metrics.json"), json.dumps(self.metrics, indent=1))
+        tmp = os.path.join(out, "metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.metrics[0]))
+            writer.writeheader()
+            writer.writerows(self.metrics)
+        os.replace(tmp, os.path.join(out, "metrics.csv"))
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.settings.output_dir, "checkpoint.pt")
+
+    def save_checkpoint(self) -> None:
+        state = {"server": self.pm.state_dict(), "metrics": self.metrics}
+        tmp = self.checkpoint_path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self) -> bool:
+        """Continue from ``checkpoint.pt`` in the output dir; ``False`` if there is none."""
+        if not os.path.exists(self.checkpoint_path):
+            return False
+        state = torch.load(self.checkpoint_path, weights_only=True)
+        saved = state["server"]["config"]
+        if saved != self.config.to_dict():
+            raise ValueError(f"checkpoint {self.checkpoint_path} was written with other prism_args: {saved}")
+        self.pm.load_state_dict(state["server"])
+        self.metrics = list(state["metrics"])
+        log.info("resumed from %s after round %d", self.checkpoint_path, self.round_idx)
+        return True
+
+
+class PrismClient:
+    """Trains sub-model payloads on the local data of the clients this process hosts."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PrismConfig,
+        settings: RunSettings,
+        client_data: Mapping[int, Dataset | DataLoader],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        template = copy.deepcopy(model)
+        self.template = meta_skeleton(convert_static_bn(template) if config.static_bn else template)
+        self.config, self.settings = config, settings
+        self.client_data, self.device = client_data, device
+
+    def _batches(self, client_id: int, round_idx: int) -> Iterable:
+        data = self.client_data[client_id]
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        if not isinstance(dataset, Dataset):
+            return data  # a plain iterable of batches: used as given
+        g = make_generator(self.config.seed, "data", round_idx, client_id)
+        return DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=True, generator=g)
+
+    def train(self, payload: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int, float]:
+        """Train one ``down`` payload; returns the ``up`` payload, sample count and mean loss."""
+        sub = SubModel.from_payload(payload, self.template, self.device)
+        if sub.client_id not in self.client_data:
+            raise ValueError(f"this process holds no data for client {sub.client_id}")
+        s = self.settings
+        stats = local_train(
+            sub.module, self._batches(sub.client_id, sub.round_idx), epochs=s.epochs, lr=s.learning_rate,
+            momentum=s.momentum, weight_decay=s.weight_decay, reg_lambda=self.config.reg_lambda,
+            clip_norm=s.clip_grad_norm or None, device=self.device,
+        )
+        return sub.to_payload("up"), stats.samples, stats.loss
+
+    def train_bundle(self, bundle: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
+        """Train every client in a bundle, one after the other; returns the upload bundle."""
+        out = {}
+        for cid, payload in unpack_bundle(bundle).items():
+            up, num, loss = self.train(payload)
+            up[NUM_SAMPLES] = torch.tensor(num)
+            up[TRAIN_LOSS] = torch.tensor(loss)
+            out[cid] = up
+        return pack_bundle(out)
+
+
+def _fmt(x: float) -> str:
+    return "  n/a " if x != x else f"{x:.4f}"
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,120 @@
+"""Single-process simulation (``training_type: simulation``, ``backend: sp``).
+
+FedML 0.9.6's sp simulator never calls a custom trainer or aggregator, so this loop drives the same
+``PrismClientTrainer`` / ``PrismServerAggregator`` FedML's cross-silo runtimes use, in-process, in the
+order FedML calls their hooks. Each selected client is its own "worker": its sub-model is built,
+trained and uploaded, and no model copy is kept for clients that are not training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .config import PrismConfig
+from .costs import layer_costs
+from .models import create_model
+from .runner import Job, load_data
+from .server import PrismClient, PrismServer
+
+log = logging.getLogger("fedml_prism")
+
+
+def run_sp(job: Job, resume: bool = False, progress: bool = True) -> PrismServer:
+    """Run ``job`` to ``comm_round``; returns the server (metrics, final model)."""
+    from .fedml_glue import PrismClientTrainer, PrismServerAggregator
+
+    torch.manual_seed(job.prism.seed)
+    device = torch.device(job.flat.get("device", "cpu") if job.flat.get("using_gpu") else "cpu")
+    data = load_data(job)
+    model = create_model(job.model, **job.model_kwargs)
+    args = argparse.Namespace(**job.flat)
+    fedml_data = data.fedml_dataset(job.settings.batch_size)
+    server = PrismServer(model, job.prism, job.settings, fedml_data[3], device)
+    if resume and not server.load_checkpoint():
+        log.info("no checkpoint in %s: starting from round 1", job.settings.output_dir)
+    client = PrismClient(model, job.prism, job.settings, fedml_data[5], device)
+    aggregator = PrismServerAggregator(model, args, server, workers=job.settings.client_num_per_round)
+    trainer = PrismClientTrainer(model, args, client)
+    while not server.finished:
+        bundles = aggregator.get_model_params()
+        uploads = []
+        desc = f"{job.prism.strategy} round {server.round_idx + 1}/{job.settings.comm_round}"
+        for worker, bundle in tqdm(bundles.items(), desc=desc, leave=False, disable=not progress, unit="client"):
+            trainer.set_id(worker)
+            trainer.set_model_params(bundle)
+            trainer.on_before_local_training(None, device, args)
+            trainer.train(None, device, args)
+            trainer.on_after_local_training(None, device, args)
+            uploads.append((1, trainer.get_model_params()))
+        uploads, _ = aggregator.on_before_aggregation(uploads)
+        outgoing = aggregator.aggregate(uploads)
+        for worker in outgoing:
+            outgoing[worker] = aggregator.on_after_aggregation(outgoing[worker])
+    return server
+
+
+def summarize(server: PrismServer, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Final/best accuracy and per-round client costs of a finished run."""
+    accs = [m["test_acc"] for m in server.metrics if not math.isnan(m["test_acc"])]
+    pm = server.pm
+    sub = pm.sample_submodel(client_id=0, round_idx=server.round_idx, record=False)
+    sub_costs = layer_costs(sub.module, input_shape)
+    dense_costs = layer_costs(pm.dense_model(), input_shape)
+    rounds = max(len(server.metrics), 1)
+    return {
+        "strategy": server.config.strategy,
+        "keep_ratio": server.config.keep_ratio if server.config.strategy != "full" else 1.0,
+        "final_acc": accs[-1] if accs else float("nan"),
+        "best_acc": max(accs) if accs else float("nan"),
+        "client_params": sum(p.numel() for p in sub.module.parameters()),
+        "client_macs": sum(c[2] for c in sub_costs.values()),
+        "dense_macs": sum(c[2] for c in dense_costs.values()),
+        "bytes_per_round": sum(m["bytes_down"] + m["bytes_up"] for m in server.metrics) / rounds,
+        "wall_s": server.metrics[-1]["elapsed_s"] if server.metrics else 0.0,
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'strategy':10}{'keep':>6}{'final acc':>11}{'best acc':>10}{'client params':>15}{'client MACs':>13}" \
+           f"{'MB/round':>10}{'wall s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['strategy']:10}{r['keep_ratio']:>6.2f}{r['final_acc']:>11.4f}{r['best_acc']:>10.4f}"
+            f"{r['client_params']:>15,}{r['client_macs']:>13,}{r['bytes_per_round'] / 1e6:>10.2f}{r['wall_s']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def run_comparison(job: Job, resume: bool = False) -> list[dict[str, Any]]:
+    """Run the configured strategy and every ``compare_strategies`` entry on the same partition,
+    seeds and schedule; print and save the accuracy table."""
+    strategies = [job.prism.strategy] + [s for s in job.compare if s != job.prism.strategy]
+    base_dir = job.settings.output_dir
+    rows = []
+    input_shape = tuple(load_data(job).x_train.shape[1:])
+    for strategy in strategies:
+        sub_job = job
+        if len(strategies) > 1:
+            prism = PrismConfig.from_mapping({**job.prism.to_dict(), "strategy": strategy})
+            settings = dataclasses.replace(job.settings, output_dir=os.path.join(base_dir, strategy))
+            sub_job = dataclasses.replace(job, prism=prism, settings=settings)
+        server = run_sp(sub_job, resume=resume)
+        rows.append(summarize(server, input_shape))
+    table = format_table(rows)
+    print(table)
+    os.makedirs(base_dir, exist_ok=True)
+    with open(os.path.join(base_dir, "summary.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(base_dir, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    return rows
