@@ -96,7 +96,7 @@ def partition(
         for k, cnt in zip(classes, counts, strict=True):
             pool = pools[k]
             if cnt:
-                chosen.append(rng.choice(pool, size=min(cnt, len(pool)), replace=cnt > len(pool)))
+                chosen.append(rng.choice(pool, size=cnt, replace=cnt > len(pool)))
         out.append(np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64))
     return out
 

@@ -193,6 +193,14 @@ class PrincipalModel:
         cols = {n: c for n, (_, c) in slices.items() if c is not None}
         return SubModel(module, self.config.strategy, client_id, round_idx, rho, rows=rows, cols=cols)
 
+    def distinct_selections(self) -> int:
+        """How many different sub-models (index sets and sizes) were sent in the open round."""
+        keys = {
+            tuple((k, tuple(v.tolist())) for k, v in sorted(sent.indices.items())) + (sent.keep_ratio,)
+            for sent in self._sent.values()
+        }
+        return len(keys)
+
     def pending_clients(self) -> list[int]:
         """Clients that were sent a sub-model in the open round."""
         return sorted(self._sent)

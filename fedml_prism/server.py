@@ -200,6 +200,7 @@ class PrismServer:
         r = self.round_idx
         s = self.settings
         valid = [u for u in updates if u.client_id in self.selected]
+        distinct = self.pm.distinct_selections()
         if len({u.client_id for u in valid}) < s.min_clients_per_round:
             log.warning("round %d: %d updates < min_clients_per_round=%d; the global model is kept",
                         r, len(valid), s.min_clients_per_round)
@@ -208,6 +209,7 @@ class PrismServer:
             report = self.pm.aggregate(valid)
         accepted = [u for u in valid if u.client_id in report.accepted]
         row = self._metrics_row(r, report, accepted)
+        row["distinct_submodels"] = distinct
         self.metrics.append(row)
         self._write_metrics()
         if (r + 1) % s.checkpoint_every == 0 or self.finished:

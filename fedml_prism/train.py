@@ -76,7 +76,7 @@ def local_train(
             if clip_norm:
                 nn.utils.clip_grad_norm_(module.parameters(), clip_norm)
             opt.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             samples += len(y)
             steps += 1
     return TrainStats(total / samples if samples else math.nan, samples, steps)

@@ -1,0 +1,119 @@
+"""Cross-silo runtimes (``training_type: cross_silo``; ``backend: MPI | GRPC | MQTT_S3``) via FedMLRunner.
+
+Rank 0 is the server (``PrismServerAggregator``); ranks 1..K are worker processes
+(``PrismClientTrainer``), each training the PriSM clients the server assigns it every round. FedML's
+own client counts (``client_num_in_total``, ``client_num_per_round``) are set to K here, so FedML's
+silo selection sends worker w the bundle keyed w; the PriSM counts stay in the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+import torch
+
+from .models import create_model
+from .runner import Job, load_data
+from .server import PrismClient, PrismServer
+
+log = logging.getLogger("fedml_prism")
+
+
+def fedml_args(job: Job, rank: int, role: str, run_id: str) -> Any:
+    """FedML's ``Arguments`` from the yaml, with ``--rank/--role/--run_id`` winning over it."""
+    from fedml.arguments import Arguments
+
+    cmd = argparse.Namespace(
+        yaml_config_file=job.path, rank=rank, role=role, run_id=str(run_id), local_rank=0, node_rank=0,
+        run_device_id="0", using_mlops=False,
+    )
+    args = Arguments(cmd, training_type="cross_silo", comm_backend=job.backend, override_cmd_args=False)
+    args.prism_client_num_in_total = job.settings.client_num_in_total
+    args.prism_client_num_per_round = job.settings.client_num_per_round
+    args.client_num_in_total = job.worker_num
+    args.client_num_per_round = job.worker_num
+    args.worker_num = job.worker_num
+    args.using_mlops = False
+    args.enable_tracking = False
+    args.enable_wandb = False
+    args.scenario = "horizontal"
+    args.federated_optimizer = "FedAvg"  # FedML's cross-silo message protocol; the PriSM aggregator does the math
+    args.client_id_list = None
+    args.random_seed = job.prism.seed
+    for key in ("grpc_ipconfig_path", "customized_training_mqtt_config", "customized_training_s3_config"):
+        value = getattr(args, key, None)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            setattr(args, key, os.path.join(os.path.dirname(job.path), value))
+    return args
+
+
+def _worker_dataset(job: Job, fedml_data: list) -> list:
+    """FedML's 8-item list as FedML's cross-silo code indexes it: by worker (data silo) index."""
+    workers = range(job.worker_num)
+    return [fedml_data[0], fedml_data[1], fedml_data[2], fedml_data[3],
+            {w: 1 for w in workers}, {w: None for w in workers}, {w: None for w in workers}, fedml_data[7]]
+
+
+def run_cross_silo(job: Job, rank: int, role: str, run_id: str) -> int:
+    import fedml
+    from fedml import FedMLRunner
+
+    from .fedml_glue import PrismClientTrainer, PrismServerAggregator
+
+    args = fedml_args(job, rank, role, run_id)
+    workdir = os.path.join(job.settings.output_dir, "fedml")  # FedML writes ./logs: keep it out of the cwd
+    os.makedirs(workdir, exist_ok=True)
+    os.chdir(workdir)
+    _offline_mlops()
+    args = fedml.init(args, check_env=False, should_init_logs=False)
+    _quiet_fedml()
+    torch.set_num_threads(int(job.flat.get("torch_threads", 1)))
+    torch.manual_seed(job.prism.seed)
+    device = torch.device("cpu")
+    data = load_data(job)
+    fedml_data = data.fedml_dataset(job.settings.batch_size)
+    model = create_model(job.model, **job.model_kwargs)
+    dataset = _worker_dataset(job, fedml_data)
+    if args.rank == 0:
+        server = PrismServer(model, job.prism, job.settings, fedml_data[3], device)
+        aggregator = PrismServerAggregator(model, args, server, workers=job.worker_num)
+        log.info("cross-silo %s server: %d PriSM clients, %d per round, %d workers", job.backend,
+                 job.settings.client_num_in_total, job.settings.client_num_per_round, job.worker_num)
+        FedMLRunner(args, device, dataset, model, server_aggregator=aggregator).run()
+        log.info("server finished after %d rounds", server.round_idx)
+    else:
+        client = PrismClient(model, job.prism, job.settings, fedml_data[5], device)
+        trainer = PrismClientTrainer(model, args, client)
+        FedMLRunner(args, device, dataset, model, client_trainer=trainer).run()
+        log.info("worker %d finished", args.rank)
+    return 0
+
+
+def _offline_mlops() -> None:
+    """Keep FedML from calling its cloud when ``using_mlops`` is off.
+
+    ``fedml.init`` → ``fedml/core/mlops/__init__.py:106`` always runs ``fetch_config``, which retries
+    https://open.fedml.ai five times and prints a failure each time. Replace it, for this process only,
+    with the part that does not touch the network (the attributes later code reads).
+    """
+    import platform
+
+    from fedml.core import mlops
+
+    def fetch_config_offline(args: Any, version: str = "release") -> None:
+        args.current_running_dir = os.getcwd()
+        args.os_name = "MacOS" if platform.system() == "Darwin" else platform.system()
+        args.version = args.config_version = version
+        args.log_file_dir = os.path.join(os.getcwd(), "logs")
+        args.device_id = f"fedml-prism-{args.rank}"
+        args.cloud_region = ""
+
+    mlops.fetch_config = fetch_config_offline
+
+
+def _quiet_fedml() -> None:
+    """FedML logs every message at INFO on the root logger; keep only its warnings."""
+    logging.getLogger().setLevel(logging.WARNING)

@@ -1,0 +1,52 @@
+"""Bad configs stop before any work, with the field, value and what is allowed."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from fedml_prism.cli import main
+from fedml_prism.data import partition
+from runtime_utils import write_config
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"prism_args": {"keep_ratio": 1.5}}, "keep_ratio=1.5 is invalid: allowed a number in (0, 1]"),
+        ({"prism_args": {"stratgy": "prism"}}, "unknown key(s) ['stratgy']"),
+        ({"comm_args": {"backend": "NCCL"}}, "training_type/backend=simulation/NCCL is invalid"),
+        ({"train_args": {"client_num_per_round": 50}}, "client_num_per_round=50 is invalid: allowed at most"),
+        ({"train_args": {"comm_round": 0}}, "comm_round=0 is invalid: allowed an integer >= 1"),
+        ({"data_args": {"partition_method": "shards"}}, "partition_method='shards' is invalid"),
+        ({"model_args": {"model": "nope"}}, "neither a built-in"),
+        ({"comparison_args": {"compare_strategies": ["fedprox"]}}, "compare_strategies entry 'fedprox'"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_problem(tmp_path, capsys, sections, message) -> None:
+    cfg = write_config(tmp_path / "bad.yaml", **sections)
+    assert main(["run", "--cf", str(cfg), "--output-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert "fedml" not in sys.modules
+
+
+def test_missing_config_file(tmp_path, capsys) -> None:
+    assert main(["run", "--cf", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_partitions_are_equal_sized_and_seeded() -> None:
+    import numpy as np
+
+    labels = np.repeat(np.arange(10), 100)
+    iid = partition(labels, 10, "iid", seed=1)
+    assert [len(p) for p in iid] == [100] * 10 and len(np.unique(np.concatenate(iid))) == 1000
+    low = partition(labels, 20, "dirichlet", alpha=0.1, seed=1)
+    high = partition(labels, 20, "dirichlet", alpha=100.0, seed=1)
+    assert all(len(p) == 50 for p in low + high)
+    classes = lambda parts: np.mean([len(np.unique(labels[p])) for p in parts])  # noqa: E731
+    assert classes(low) < 4 < 9 < classes(high)
+    again = partition(labels, 20, "dirichlet", alpha=0.1, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(low, again, strict=True))

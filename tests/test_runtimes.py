@@ -1,0 +1,68 @@
+"""End-to-end runs of every FedML runtime (small, each with a timeout)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import os
+
+import pytest
+import torch
+
+from runtime_utils import BIN, assert_prism_ran, final_state, metrics, run, start, stop, wait_for, write_config
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def fedml_prism(cfg, out, *extra) -> list[str]:
+    return [str(BIN / "fedml-prism"), "run", "--cf", str(cfg), "--output-dir", str(out), *extra]
+
+
+def test_sp_simulation(tmp_path) -> None:
+    cfg = write_config(tmp_path / "sp.yaml")
+    log = run(fedml_prism(cfg, tmp_path / "out"), tmp_path, "sp.log", timeout=180)
+    assert "round 2/2 | acc" in log
+    assert_prism_ran(tmp_path / "out", rounds=2, clients=4)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_mpi_cross_silo_and_equivalence_with_sp(tmp_path) -> None:
+    mpiexec = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
+    assert mpiexec, "mpiexec missing: install the mpich wheel (pip install mpich)"
+    common = {"train_args": {"client_num_in_total": 12, "client_num_per_round": 6, "comm_round": 2}}
+    sp_cfg = write_config(tmp_path / "sp.yaml", **common)
+    mpi_cfg = write_config(
+        tmp_path / "mpi.yaml", **common,
+        common_args={"training_type": "cross_silo", "scenario": "horizontal"},
+        comm_args={"backend": "MPI", "worker_num": 2},
+    )
+    run(fedml_prism(sp_cfg, tmp_path / "sp"), tmp_path, "sp.log", timeout=180)
+    run([mpiexec, "-np", "3", *fedml_prism(mpi_cfg, tmp_path / "mpi")], tmp_path, "mpi.log", timeout=200)
+    assert_prism_ran(tmp_path / "mpi", rounds=2, clients=6)
+    sp, mpi = final_state(tmp_path / "sp"), final_state(tmp_path / "mpi")
+    for key in sp:
+        assert torch.allclose(sp[key], mpi[key], atol=1e-5), f"sp and MPI differ at {key}"
+    sp_acc = [r["test_acc"] for r in metrics(tmp_path / "sp")]
+    mpi_acc = [r["test_acc"] for r in metrics(tmp_path / "mpi")]
+    assert sp_acc == pytest.approx(mpi_acc, abs=1e-3)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path) -> None:
+    cfg = write_config(tmp_path / "sp.yaml", train_args={"comm_round": 6})
+    run(fedml_prism(cfg, tmp_path / "full"), tmp_path, "full.log", timeout=180)
+    proc = start(fedml_prism(cfg, tmp_path / "cut"), tmp_path, "cut.log")
+    try:
+        wait_for(lambda: (tmp_path / "cut" / "metrics.json").exists() and len(metrics(tmp_path / "cut")) >= 2,
+                 timeout=150, what="round 2 of the run to kill")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        stop(proc)
+    done = len(metrics(tmp_path / "cut"))
+    assert done < 6, "the run finished before it could be killed"
+    log = run(fedml_prism(cfg, tmp_path / "cut", "--resume"), tmp_path, "resume.log", timeout=180)
+    assert "resumed from" in log
+    assert [r["round"] for r in metrics(tmp_path / "cut")] == list(range(1, 7))
+    a, b = final_state(tmp_path / "full"), final_state(tmp_path / "cut")
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"resumed run differs at {key}"
