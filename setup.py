@@ -30,6 +30,8 @@ setup(
         "matplotlib",
         "scikit-learn",
         "PyYAML",
+        "grpcio",
+        "protobuf<4",
     ],
     extras_require={"dev": ["pytest", "pytest-timeout", "ruff"]},
     entry_points={"console_scripts": ["fedml-prism=fedml_prism.cli:main"]},

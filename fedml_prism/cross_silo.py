@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 import torch
@@ -82,14 +84,45 @@ def run_cross_silo(job: Job, rank: int, role: str, run_id: str) -> int:
         aggregator = PrismServerAggregator(model, args, server, workers=job.worker_num)
         log.info("cross-silo %s server: %d PriSM clients, %d per round, %d workers", job.backend,
                  job.settings.client_num_in_total, job.settings.client_num_per_round, job.worker_num)
-        FedMLRunner(args, device, dataset, model, server_aggregator=aggregator).run()
+        _run_server(args, device, dataset, aggregator, job.settings.round_timeout_s)
         log.info("server finished after %d rounds", server.round_idx)
     else:
         client = PrismClient(model, job.prism, job.settings, fedml_data[5], device)
         trainer = PrismClientTrainer(model, args, client)
+        _watchdog(trainer, idle_s=float(job.flat.get("client_idle_timeout_s", 2 * job.settings.round_timeout_s + 60)))
         FedMLRunner(args, device, dataset, model, client_trainer=trainer).run()
         log.info("worker %d finished", args.rank)
     return 0
+
+
+def _run_server(args: Any, device: Any, dataset: list, aggregator: Any, round_timeout_s: float) -> None:
+    """FedML's ``cross_silo/server/server_initializer.py:init_server`` with ``PrismServerManager``
+    (deadlines, dead workers) in place of ``FedMLServerManager``."""
+    from fedml.cross_silo.server.fedml_aggregator import FedMLAggregator
+
+    from .server_manager import PrismServerManager
+
+    aggregator.set_id(0)
+    fedml_aggregator = FedMLAggregator(
+        dataset[2], dataset[3], dataset[0], dataset[5], dataset[6], dataset[4], args.worker_num, device, args,
+        aggregator,
+    )
+    manager = PrismServerManager(args, fedml_aggregator, args.comm, args.rank, args.worker_num, args.backend,
+                                 round_timeout_s=round_timeout_s)
+    manager.run()
+
+
+def _watchdog(trainer: Any, idle_s: float) -> None:
+    """End this worker if the server is silent for ``idle_s`` (FedML's clients wait forever)."""
+    def watch() -> None:
+        while True:
+            time.sleep(min(5.0, idle_s / 4))
+            if time.time() - trainer.last_message_at > idle_s:
+                log.error("no message from the server for %.0f s: worker exits", idle_s)
+                logging.shutdown()
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="prism-watchdog").start()
 
 
 def _offline_mlops() -> None:

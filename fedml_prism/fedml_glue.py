@@ -18,6 +18,7 @@ How PriSM rides on FedML 0.9.6 cross-silo (see docs in the README):
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -40,11 +41,13 @@ class PrismClientTrainer(ClientTrainer):
         self.client = client
         self._received: Mapping[str, Tensor] = {}
         self._trained: OrderedDict[str, Tensor] = OrderedDict()
+        self.last_message_at = time.time()
 
     def set_model_params(self, model_parameters: Any) -> None:
         if not isinstance(model_parameters, Mapping):
             raise TypeError(f"PriSM expects a bundle of tensors from the server, got {type(model_parameters).__name__}")
         self._received = model_parameters
+        self.last_message_at = time.time()
 
     def get_model_params(self) -> OrderedDict[str, Tensor]:
         # an OrderedDict (not exactly `dict`): FedML moves its tensors to the server's device
@@ -55,6 +58,7 @@ class PrismClientTrainer(ClientTrainer):
             self._trained = OrderedDict()
             return
         self._trained = self.client.train_bundle(self._received)
+        self.last_message_at = time.time()
 
 
 class PrismServerAggregator(ServerAggregator):

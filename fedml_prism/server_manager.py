@@ -1,0 +1,141 @@
+"""FedML's cross-silo server manager, extended so a dead or silent worker cannot hang a run.
+
+FedML 0.9.6's ``FedMLServerManager`` waits for every client's upload and every FINISHED status with
+no timeout (``cross_silo/server/fedml_server_manager.py:182`` ``check_whether_all_receive``), and a
+send to a dead gRPC peer raises out of the message loop. ``PrismServerManager`` keeps FedML's message
+protocol and classes, and adds:
+
+- a failed send marks that worker dead; its share of every later round is closed at once with an
+  empty upload (its PriSM clients are left out of the aggregate, the run goes on);
+- a per-round deadline (``round_timeout_s``): workers that have not uploaded by then are left out of
+  that round (a late upload of an old round is rejected by the aggregator's checks);
+- a start deadline (workers that never come online) and a finish deadline (dead workers never report
+  FINISHED).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from fedml.core.distributed.communication.message import Message
+from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
+from fedml.cross_silo.server.message_define import MyMessage
+
+log = logging.getLogger("fedml_prism")
+
+
+class PrismServerManager(FedMLServerManager):
+    def __init__(self, args: Any, aggregator: Any, comm: Any = None, client_rank: int = 0, client_num: int = 0,
+                 backend: str = "MQTT_S3", round_timeout_s: float = 600.0) -> None:
+        super().__init__(args, aggregator, comm, client_rank, client_num, backend)
+        self.round_timeout_s = round_timeout_s
+        self.dead: set[int] = set()
+        self._lock = threading.RLock()
+        self._timer: threading.Timer | None = None
+        self._finishing = False
+
+    # ------------------------------------------------------------------ sends never raise
+    def send_message(self, message: Message) -> None:
+        receiver = int(message.get_receiver_id())
+        if receiver in self.dead:
+            return
+        try:
+            super().send_message(message)
+        except Exception as err:  # noqa: BLE001 - any transport error means the peer is unreachable
+            if message.get_type() == MyMessage.MSG_TYPE_S2C_CHECK_CLIENT_STATUS:
+                return  # a worker not started yet: it announces itself when it comes online
+            log.warning("worker %d unreachable (%s): it is left out from now on", receiver, type(err).__name__)
+            self.dead.add(receiver)
+
+    # ------------------------------------------------------------------ rounds with deadlines
+    def handle_message_connection_ready(self, msg_params: Any) -> None:
+        super().handle_message_connection_ready(msg_params)
+        self._arm(self._start_deadline, self.round_timeout_s)
+
+    def send_init_msg(self) -> None:
+        with self._lock:
+            super().send_init_msg()
+            self._round_sent()
+
+    def handle_message_receive_model_from_client(self, msg_params: Any) -> None:
+        with self._lock:
+            before = self.args.round_idx
+            super().handle_message_receive_model_from_client(msg_params)
+            if self.args.round_idx != before:
+                self._round_sent()
+
+    def _round_sent(self) -> None:
+        """A round's bundles went out: close dead workers' shares now, and arm the deadline."""
+        if self.args.round_idx >= self.round_num:
+            self._arm(self._finish_deadline, self.round_timeout_s)
+            return
+        round_idx = self.args.round_idx
+        self._arm(lambda: self._round_deadline(round_idx), self.round_timeout_s)
+        for worker in sorted(self.dead & set(self.client_id_list_in_this_round)):
+            if self.args.round_idx != round_idx:
+                break
+            self._empty_upload(worker)
+
+    def _round_deadline(self, round_idx: int) -> None:
+        with self._lock:
+            if self.args.round_idx != round_idx or self._finishing:
+                return
+            flags = self.aggregator.flag_client_model_uploaded_dict
+            missing = [w for w in self.client_id_list_in_this_round if not flags[self.client_real_ids.index(w)]]
+            log.warning("round %d: no upload from worker(s) %s within %.0f s: closing the round without them",
+                        round_idx + 1, missing, self.round_timeout_s)
+            for worker in missing:
+                if self.args.round_idx != round_idx:
+                    break
+                self._empty_upload(worker)
+
+    def _empty_upload(self, worker: int) -> None:
+        msg = Message(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, worker, 0)
+        msg.add_params(MyMessage.MSG_ARG_KEY_MODEL_PARAMS, OrderedDict())
+        msg.add_params(MyMessage.MSG_ARG_KEY_NUM_SAMPLES, 0)
+        self.handle_message_receive_model_from_client(msg)
+
+    def _start_deadline(self) -> None:
+        with self._lock:
+            if self.is_initialized:
+                return
+            offline = [w for w in self.client_id_list_in_this_round if not self.client_online_mapping.get(str(w))]
+            log.warning("workers %s did not come online within %.0f s: starting without them",
+                        offline, self.round_timeout_s)
+            self.dead.update(offline)
+            self.is_initialized = True
+            self.send_init_msg()
+
+    # ------------------------------------------------------------------ finishing
+    def process_finished_status(self, client_status: Any, msg_params: Any) -> None:
+        with self._lock:
+            self.client_finished_mapping[str(msg_params.get_sender_id())] = True
+            self._maybe_finish()
+
+    def _maybe_finish(self, force: bool = False) -> None:
+        pending = [w for w in self.client_id_list_in_this_round
+                   if w not in self.dead and not self.client_finished_mapping.get(str(w))]
+        if (pending and not force) or self._finishing:
+            return
+        if pending:
+            log.warning("workers %s did not report FINISHED within %.0f s", pending, self.round_timeout_s)
+        self._finishing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        time.sleep(0.5)
+        self.finish()
+
+    def _finish_deadline(self) -> None:
+        with self._lock:
+            self._maybe_finish(force=True)
+
+    def _arm(self, func: Any, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(seconds, func)
+        self._timer.daemon = True
+        self._timer.start()
