@@ -19,7 +19,7 @@ import torch
 
 from .models import create_model
 from .runner import Job, load_data
-from .server import PrismClient, PrismServer
+from .server import PrismClient, PrismServer, RunSettings
 
 log = logging.getLogger("fedml_prism")
 
@@ -84,7 +84,7 @@ def run_cross_silo(job: Job, rank: int, role: str, run_id: str) -> int:
         aggregator = PrismServerAggregator(model, args, server, workers=job.worker_num)
         log.info("cross-silo %s server: %d PriSM clients, %d per round, %d workers", job.backend,
                  job.settings.client_num_in_total, job.settings.client_num_per_round, job.worker_num)
-        _run_server(args, device, dataset, aggregator, job.settings.round_timeout_s)
+        _run_server(args, device, dataset, aggregator, job.settings)
         log.info("server finished after %d rounds", server.round_idx)
     else:
         client = PrismClient(model, job.prism, job.settings, fedml_data[5], device)
@@ -95,7 +95,7 @@ def run_cross_silo(job: Job, rank: int, role: str, run_id: str) -> int:
     return 0
 
 
-def _run_server(args: Any, device: Any, dataset: list, aggregator: Any, round_timeout_s: float) -> None:
+def _run_server(args: Any, device: Any, dataset: list, aggregator: Any, settings: RunSettings) -> None:
     """FedML's ``cross_silo/server/server_initializer.py:init_server`` with ``PrismServerManager``
     (deadlines, dead workers) in place of ``FedMLServerManager``."""
     from fedml.cross_silo.server.fedml_aggregator import FedMLAggregator
@@ -108,7 +108,7 @@ def _run_server(args: Any, device: Any, dataset: list, aggregator: Any, round_ti
         aggregator,
     )
     manager = PrismServerManager(args, fedml_aggregator, args.comm, args.rank, args.worker_num, args.backend,
-                                 round_timeout_s=round_timeout_s)
+                                 round_timeout_s=settings.round_timeout_s, start_timeout_s=settings.start_timeout_s)
     manager.run()
 
 

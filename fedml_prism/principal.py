@@ -228,7 +228,7 @@ class PrincipalModel:
             else:
                 reason = check_update(payload, sent.shapes, sent.indices)
             if reason is not None:
-                log.warning("round %d: rejected update of client %d: %s", report.round_idx, client_id, reason)
+                log.warning("round %d: rejected update of client %d: %s", report.round_idx + 1, client_id, reason)
                 report.rejected[client_id] = reason
                 continue
             weight = float(num) if self.config.weighting == "samples" else 1.0
@@ -245,7 +245,7 @@ class PrincipalModel:
                     factors = self._refresh(factors, report)
                 self.factors = factors
         else:
-            log.warning("round %d: no update accepted; the global model is unchanged", report.round_idx)
+            log.warning("round %d: no update accepted; the global model is unchanged", report.round_idx + 1)
         self._sent.clear()
         self._open_round = None
         self.rounds_done += 1

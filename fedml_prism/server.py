@@ -53,6 +53,7 @@ class RunSettings:
     checkpoint_every: int = 1
     min_clients_per_round: int = 1
     round_timeout_s: float = 600.0
+    start_timeout_s: float = 300.0
     output_dir: str = "outputs"
 
     def __post_init__(self) -> None:
@@ -62,7 +63,7 @@ class RunSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: allowed an integer >= 1")
-        for name in ("learning_rate", "round_timeout_s"):
+        for name in ("learning_rate", "round_timeout_s", "start_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name}={value!r} is invalid: allowed a number > 0")
@@ -184,11 +185,11 @@ class PrismServer:
             try:
                 per_client = unpack_bundle(bundle)
             except (ValueError, AttributeError, TypeError) as err:
-                log.warning("round %d: dropped a malformed bundle: %s", self.round_idx, err)
+                log.warning("round %d: dropped a malformed bundle: %s", self.round_idx + 1, err)
                 continue
             for cid, payload in per_client.items():
                 if cid not in self.selected:
-                    log.warning("round %d: dropped an update for client %d, which was not selected", self.round_idx, cid)
+                    log.warning("round %d: dropped an update for client %d, which was not selected", self.round_idx + 1, cid)
                     continue
                 num = payload.pop(NUM_SAMPLES, torch.tensor(0))
                 loss = payload.pop(TRAIN_LOSS, torch.tensor(float("nan")))
@@ -203,7 +204,7 @@ class PrismServer:
         distinct = self.pm.distinct_selections()
         if len({u.client_id for u in valid}) < s.min_clients_per_round:
             log.warning("round %d: %d updates < min_clients_per_round=%d; the global model is kept",
-                        r, len(valid), s.min_clients_per_round)
+                        r + 1, len(valid), s.min_clients_per_round)
             report = self.pm.aggregate([])
         else:
             report = self.pm.aggregate(valid)

@@ -30,9 +30,10 @@ log = logging.getLogger("fedml_prism")
 
 class PrismServerManager(FedMLServerManager):
     def __init__(self, args: Any, aggregator: Any, comm: Any = None, client_rank: int = 0, client_num: int = 0,
-                 backend: str = "MQTT_S3", round_timeout_s: float = 600.0) -> None:
+                 backend: str = "MQTT_S3", round_timeout_s: float = 600.0, start_timeout_s: float = 300.0) -> None:
         super().__init__(args, aggregator, comm, client_rank, client_num, backend)
         self.round_timeout_s = round_timeout_s
+        self.start_timeout_s = start_timeout_s
         self.dead: set[int] = set()
         self._lock = threading.RLock()
         self._timer: threading.Timer | None = None
@@ -54,7 +55,7 @@ class PrismServerManager(FedMLServerManager):
     # ------------------------------------------------------------------ rounds with deadlines
     def handle_message_connection_ready(self, msg_params: Any) -> None:
         super().handle_message_connection_ready(msg_params)
-        self._arm(self._start_deadline, self.round_timeout_s)
+        self._arm(self._start_deadline, self.start_timeout_s)
 
     def send_init_msg(self) -> None:
         with self._lock:
@@ -105,7 +106,7 @@ class PrismServerManager(FedMLServerManager):
                 return
             offline = [w for w in self.client_id_list_in_this_round if not self.client_online_mapping.get(str(w))]
             log.warning("workers %s did not come online within %.0f s: starting without them",
-                        offline, self.round_timeout_s)
+                        offline, self.start_timeout_s)
             self.dead.update(offline)
             self.is_initialized = True
             self.send_init_msg()

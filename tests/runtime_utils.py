@@ -115,3 +115,38 @@ def assert_prism_ran(out_dir: Path, rounds: int, clients: int) -> None:
         assert r["bytes_up"] > 0 and r["test_acc"] == r["test_acc"]
     before, after = initial_state(), final_state(out_dir)
     assert any(not torch.allclose(before[k], after[k]) for k in before), "the global model did not change"
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def grpc_config(tmp: Path, workers: int, **sections: dict[str, Any]) -> Path:
+    ports = free_ports(workers + 1)
+    rows = ["eid,rank,grpc_server_ip,grpc_server_port"] + [f"{r},{r},127.0.0.1,{p}" for r, p in enumerate(ports)]
+    (tmp / "grpc_ipconfig.csv").write_text("\n".join(rows) + "\n")
+    comm = {"backend": "GRPC", "worker_num": workers, "grpc_ipconfig_path": "grpc_ipconfig.csv"}
+    comm.update(sections.pop("comm_args", {}))
+    return write_config(tmp / "grpc.yaml", common_args={"training_type": "cross_silo", "scenario": "horizontal"},
+                        comm_args=comm, **sections)
+
+
+def start_grpc(cfg: Path, out: Path, tmp: Path, workers: int) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+    """Server first (FedML's gRPC clients crash if they start before it), then the workers."""
+    cli = [str(BIN / "fedml-prism"), "run", "--cf", str(cfg), "--output-dir", str(out), "--run_id", "t"]
+    server = start([*cli, "--rank", "0", "--role", "server"], tmp, "server.log")
+    wait_for(lambda: "cross-silo GRPC server" in (tmp / "server.log").read_text() or server.poll() is not None,
+             timeout=90, what="the gRPC server to start")
+    time.sleep(1.0)
+    clients = [start([*cli, "--rank", str(r), "--role", "client"], tmp, f"client{r}.log") for r in range(1, workers + 1)]
+    return server, clients

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 
 import pytest
+from runtime_utils import write_config
 
 from fedml_prism.cli import main
 from fedml_prism.data import partition
-from runtime_utils import write_config
 
 
 @pytest.mark.parametrize(

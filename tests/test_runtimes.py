@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
-import os
 
 import pytest
 import torch
-
-from runtime_utils import BIN, assert_prism_ran, final_state, metrics, run, start, stop, wait_for, write_config
+from runtime_utils import (
+    BIN,
+    assert_prism_ran,
+    final_state,
+    grpc_config,
+    metrics,
+    run,
+    start,
+    start_grpc,
+    stop,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -66,3 +77,36 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path) -> None:
     a, b = final_state(tmp_path / "full"), final_state(tmp_path / "cut")
     for key in a:
         assert torch.equal(a[key], b[key]), f"resumed run differs at {key}"
+
+
+def test_grpc_server_and_two_client_processes(tmp_path) -> None:
+    cfg = grpc_config(tmp_path, workers=2, train_args={"client_num_per_round": 6})
+    server, clients = start_grpc(cfg, tmp_path / "out", tmp_path, workers=2)
+    try:
+        assert server.wait(timeout=150) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        for c in clients:
+            assert c.wait(timeout=30) == 0
+    finally:
+        for p in [server, *clients]:
+            stop(p)
+    assert_prism_ran(tmp_path / "out", rounds=2, clients=6)
+
+
+def test_grpc_worker_killed_mid_run_server_finishes(tmp_path) -> None:
+    cfg = grpc_config(tmp_path, workers=2, train_args={"client_num_per_round": 6, "comm_round": 4},
+                      tracking_args={"round_timeout_s": 8})
+    out = tmp_path / "out"
+    server, clients = start_grpc(cfg, out, tmp_path, workers=2)
+    try:
+        wait_for(lambda: (out / "metrics.json").exists() and len(metrics(out)) >= 1, timeout=120, what="round 1")
+        os.killpg(clients[1].pid, signal.SIGKILL)
+        assert server.wait(timeout=150) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        assert clients[0].wait(timeout=30) == 0
+    finally:
+        for p in [server, *clients]:
+            stop(p)
+    rows = metrics(out)
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["clients"] == 6 and rows[-1]["clients"] == 3  # worker 2's three clients are left out
+    log = (tmp_path / "server.log").read_text()
+    assert "left out" in log or "without them" in log
