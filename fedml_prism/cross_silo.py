@@ -1,4 +1,9 @@
-"""Cross-silo runtimes (``training_type: cross_silo``; ``backend: MPI | GRPC | MQTT_S3``) via FedMLRunner.
+"""Cross-silo runtimes (``training_type: cross_silo``; ``backend: MPI | GRPC | MQTT_S3``).
+
+The server and the workers are FedML's cross-silo managers, set up as ``FedMLRunner`` sets them up
+(``server_initializer`` / ``client_initializer``), with two extensions: ``PrismServerManager``
+(deadlines, dead workers) and ``PrismClientManager`` (MQTT FINISHED fix). ``PrismServerAggregator``
+and ``PrismClientTrainer`` also work when passed to ``FedMLRunner`` directly, without those extensions.
 
 Rank 0 is the server (``PrismServerAggregator``); ranks 1..K are worker processes
 (``PrismClientTrainer``), each training the PriSM clients the server assigns it every round. FedML's
@@ -61,8 +66,8 @@ def _worker_dataset(job: Job, fedml_data: list) -> list:
 
 def run_cross_silo(job: Job, rank: int, role: str, run_id: str) -> int:
     import fedml
-    from fedml import FedMLRunner
 
+    from .client_manager import run_client
     from .fedml_glue import PrismClientTrainer, PrismServerAggregator
 
     args = fedml_args(job, rank, role, run_id)
@@ -90,7 +95,7 @@ def run_cross_silo(job: Job, rank: int, role: str, run_id: str) -> int:
         client = PrismClient(model, job.prism, job.settings, fedml_data[5], device)
         trainer = PrismClientTrainer(model, args, client)
         _watchdog(trainer, idle_s=float(job.flat.get("client_idle_timeout_s", 2 * job.settings.round_timeout_s + 60)))
-        FedMLRunner(args, device, dataset, model, client_trainer=trainer).run()
+        run_client(args, device, dataset, model, trainer)
         log.info("worker %d finished", args.rank)
     return 0
 
