@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     costs = sub.add_parser("costs", help="sub-model parameters, MACs and bytes next to the dense model")
     costs.add_argument("--model", required=True, help="built-in name (resnet18_cifar, cnn, …) or package.module:callable")
-    costs.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for the model factory (JSON value)")
+    costs.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="keyword for the model factory (JSON value)")
     costs.add_argument("--input-shape", required=True, type=_shape, help="C,H,W of one input")
     costs.add_argument("--keep-ratio", type=_ratio, default=0.2)
     costs.add_argument("--strategy", choices=STRATEGIES, default="prism")
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run_id", default="0")
     run.add_argument("--output-dir", default=None, help="where metrics and checkpoints go")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    run.add_argument("--check", action="store_true", help="validate the config, print the job, and exit")
     run.set_defaults(func=cmd_run)
     return parser
 

@@ -15,9 +15,9 @@ import platform
 from typing import Any
 
 from fedml.core.distributed.communication.message import Message
-from paho.mqtt import publish
 from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterManager
 from fedml.cross_silo.client.message_define import MyMessage
+from paho.mqtt import publish
 
 log = logging.getLogger("fedml_prism")
 

@@ -127,6 +127,12 @@ def _setup_logging() -> None:
 def main(cli: argparse.Namespace) -> int:
     _setup_logging()
     job = build_job(cli.cf, cli.output_dir)
+    if getattr(cli, "check", False):
+        print(f"config OK: {job.training_type}/{job.backend}, strategy={job.prism.strategy}, "
+              f"keep_ratio={job.prism.keep_ratio}, {job.settings.client_num_in_total} clients, "
+              f"{job.settings.client_num_per_round} per round, {job.settings.comm_round} rounds, "
+              f"model={job.model}, dataset={job.dataset}, output_dir={job.settings.output_dir}")
+        return 0
     if job.training_type == "simulation":
         from .simulation import run_comparison
 

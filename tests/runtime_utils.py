@@ -51,10 +51,11 @@ def env_for(tmp: Path) -> dict[str, str]:
     return env
 
 
-def start(cmd: list[str], tmp: Path, log_name: str) -> subprocess.Popen:
+def start(cmd: list[str], tmp: Path, log_name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """A process in its own session, its output in tmp/log_name."""
     out = open(tmp / log_name, "w")
-    return subprocess.Popen(cmd, cwd=tmp, env=env_for(tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**env_for(tmp), **(extra_env or {})}
+    return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop(proc: subprocess.Popen) -> None:

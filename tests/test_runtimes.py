@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from runtime_utils import (
     BIN,
     assert_prism_ran,
     final_state,
+    free_ports,
     grpc_config,
     metrics,
     run,
@@ -110,3 +112,54 @@ def test_grpc_worker_killed_mid_run_server_finishes(tmp_path) -> None:
     assert rows[0]["clients"] == 6 and rows[-1]["clients"] == 3  # worker 2's three clients are left out
     log = (tmp_path / "server.log").read_text()
     assert "left out" in log or "without them" in log
+
+
+def test_mqtt_s3_with_mosquitto_and_local_s3(tmp_path) -> None:
+    mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    assert mosquitto, "mosquitto missing: .ci/run installs it (apt-get install mosquitto)"
+    assert (BIN / "moto_server").exists(), "moto_server missing: pip install 'moto[server]'"
+    mqtt_port, s3_port = free_ports(2)
+    cfg = write_config(
+        tmp_path / "mqtt.yaml",
+        common_args={"training_type": "cross_silo", "scenario": "horizontal"},
+        train_args={"client_num_per_round": 6},
+        tracking_args={"output_dir": str(tmp_path / "out"), "round_timeout_s": 60},
+        comm_args={
+            "backend": "MQTT_S3", "worker_num": 2,
+            "customized_training_mqtt_config": {"BROKER_HOST": "127.0.0.1", "BROKER_PORT": mqtt_port,
+                                                "MQTT_USER": "", "MQTT_PWD": "", "MQTT_KEEPALIVE": 180},
+            "customized_training_s3_config": {"BUCKET_NAME": "fedml-prism", "CN_S3_ENDPOINT": f"http://127.0.0.1:{s3_port}",
+                                              "CN_REGION_NAME": "us-east-1", "CN_S3_AKI": "testing", "CN_S3_SAK": "testing"},
+        },
+    )
+    script = Path(__file__).resolve().parents[1] / "run" / "mqtt_s3.sh"
+    proc = start(["bash", str(script), str(cfg), "2", "200"], tmp_path, "mqtt.log",
+                 extra_env={"MQTT_PORT": str(mqtt_port), "S3_PORT": str(s3_port), "BIN": str(BIN)})
+    try:
+        assert proc.wait(timeout=220) == 0, (tmp_path / "mqtt.log").read_text()[-3000:]
+    finally:
+        stop(proc)
+    log = (tmp_path / "mqtt.log").read_text()
+    assert log.count("FINISHED delivered") == 2 and "did not report FINISHED" not in log
+    assert_prism_ran(tmp_path / "out", rounds=2, clients=6)
+
+
+def test_octopus_packages_build_offline_and_carry_the_job(tmp_path) -> None:
+    import zipfile
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    run(["bash", str(root / "run" / "octopus" / "build.sh"), str(root / "config" / "mqtt_s3" / "fedml_config.yaml"),
+         str(tmp_path / "dist")], tmp_path, "build.log", timeout=120)
+    for role in ("server", "client"):
+        package = tmp_path / "dist" / role / "dist-packages" / f"{role}-package.zip"
+        zipfile.ZipFile(package).extractall(tmp_path / role)
+        base = tmp_path / role / f"{role}-package"
+        conf = yaml.safe_load((base / "conf" / "fedml.yaml").read_text())
+        entry = base / conf["entry_config"]["entry_file"]
+        config = entry.parent / conf["entry_config"]["conf_file"]
+        assert entry.exists() and config.exists()
+        out = run([str(BIN / "python"), str(entry), "--cf", str(config), "--check", "--rank", "0"],
+                  tmp_path, f"{role}-check.log", timeout=60)
+        assert "config OK: cross_silo/MQTT_S3, strategy=prism" in out
