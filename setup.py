@@ -33,6 +33,6 @@ setup(
         "grpcio",
         "protobuf<4",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout", "ruff"]},
+    extras_require={"dev": ["pytest", "pytest-timeout", "ruff", "moto[server]"]},
     entry_points={"console_scripts": ["fedml-prism=fedml_prism.cli:main"]},
 )

@@ -11,17 +11,12 @@ TIMEOUT="${3:-900}"
 BIN="${BIN:-.venv/bin}"
 MQTT_PORT="${MQTT_PORT:-1883}"
 S3_PORT="${S3_PORT:-5000}"
-RUN_ID="prism-$$"
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
-trap cleanup EXIT
+source run/parties.sh
 
 MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 [ -x "$MOSQUITTO" ] || { echo "mosquitto not found: apt-get install mosquitto" >&2; exit 2; }
-timeout "$TIMEOUT" "$MOSQUITTO" -p "$MQTT_PORT" >/dev/null 2>&1 &
-pids+=("$!")
-timeout "$TIMEOUT" "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT" >/dev/null 2>&1 &
-pids+=("$!")
+background "$MOSQUITTO" -p "$MQTT_PORT" >/dev/null 2>&1
+background "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT" >/dev/null 2>&1
 "$BIN/python" - "$S3_PORT" "$MQTT_PORT" <<'PY'
 import socket, sys, time
 import boto3
@@ -40,11 +35,4 @@ boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}", aws_access_key_id
              aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="fedml-prism")
 PY
 
-timeout "$TIMEOUT" "$BIN/fedml-prism" run --cf "$CONFIG" --rank 0 --role server --run_id "$RUN_ID" &
-server=$!
-pids+=("$server")
-for rank in $(seq 1 "$WORKERS"); do
-  timeout "$TIMEOUT" "$BIN/fedml-prism" run --cf "$CONFIG" --rank "$rank" --role client --run_id "$RUN_ID" &
-  pids+=("$!")
-done
-wait "$server"
+launch_parties "$CONFIG" "$WORKERS" 0
