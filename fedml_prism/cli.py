@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -68,6 +69,58 @@ def cmd_costs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+    from .runner import _setup_logging
+
+    _setup_logging()
+    overrides = {
+        "strategies": args.strategies.split(",") if args.strategies else None,
+        "keep_ratios": [_ratio(k) for k in args.keep_ratios.split(",")] if args.keep_ratios else None,
+        "partitions": [_partition(p) for p in args.partitions.split(",")] if args.partitions else None,
+        "seeds": [int(s) for s in args.seeds.split(",")] if args.seeds else None,
+        "rounds": args.rounds,
+        "data_path": args.data_path,
+    }
+    rows = run_bench(args.profile, args.out or f"outputs/bench_{args.profile}", overrides)
+    from .bench import aggregate_rows, markdown_table
+
+    print(markdown_table(aggregate_rows(rows)))
+    return 0
+
+
+def _partition(text: str) -> tuple[str, float | None]:
+    if text == "iid":
+        return ("iid", None)
+    if text.startswith("dirichlet"):
+        try:
+            return ("dirichlet", float(text[len("dirichlet"):]))
+        except ValueError:
+            pass
+    raise ValueError(f"--partitions entry {text!r} is invalid: allowed iid or dirichletALPHA (e.g. dirichlet0.1)")
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    import torch
+
+    from .rank import plot_rank, rank_report
+
+    if not os.path.isfile(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist")
+    report = rank_report(torch.load(args.checkpoint, weights_only=True), args.kappa)
+    if not report:
+        raise ValueError(f"{args.checkpoint!r} holds no conv/linear weights to analyse")
+    if args.plot:
+        plot_rank(report, args.plot, title=os.path.basename(args.checkpoint))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{'layer':32}{'rank':>6}{'needed':>9}{'fraction':>10}")
+        for r in report:
+            print(f"{r['layer']:32}{r['rank']:>6}{r['effective_kernels']:>9.1f}{r['fraction']:>10.2f}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import main as run_main
 
@@ -89,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--json", action="store_true", help="print JSON (with per-layer costs)")
     costs.add_argument("--layers", action="store_true", help="also print the per-layer table")
     costs.set_defaults(func=cmd_costs)
+
+    bench = sub.add_parser("bench", help="strategies side by side: results.json, results.md, plots")
+    bench.add_argument("--profile", default="smoke", help="smoke | cpu | paper")
+    bench.add_argument("--out", default=None, help="output folder (default outputs/bench_PROFILE)")
+    bench.add_argument("--strategies", default=None, help="comma list, e.g. full,prism,orthdrop")
+    bench.add_argument("--keep-ratios", default=None, help="comma list, e.g. 0.2,0.4")
+    bench.add_argument("--partitions", default=None, help="comma list of iid, dirichletALPHA")
+    bench.add_argument("--seeds", default=None, help="comma list of seeds")
+    bench.add_argument("--rounds", type=int, default=None, help="override comm_round")
+    bench.add_argument("--data-path", default=None, help="dataset folder or archive (overrides the profile's)")
+    bench.set_defaults(func=cmd_bench)
+
+    rank = sub.add_parser("rank", help="principal kernels needed per layer of a checkpoint (paper appendix B)")
+    rank.add_argument("--checkpoint", required=True, help="checkpoint.pt of a run, or a state_dict file")
+    rank.add_argument("--kappa", type=float, default=2.0)
+    rank.add_argument("--plot", default=None, help="write a PNG bar chart here")
+    rank.add_argument("--json", action="store_true")
+    rank.set_defaults(func=cmd_rank)
 
     run = sub.add_parser("run", help="run a fedml_config.yaml (sp simulation, MPI, gRPC, MQTT_S3)")
     run.add_argument("--cf", required=True, help="fedml_config.yaml")

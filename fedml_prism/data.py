@@ -119,10 +119,34 @@ def load_digits_data(
 
 
 DATASETS = {"digits": load_digits_data}
+FILE_DATASETS = ("cifar10", "fashion_mnist", "mnist", "imdb", "femnist", "fed_cifar100", "fed_shakespeare")
+NATURAL = ("femnist", "fed_cifar100", "fed_shakespeare")
 
 
-def load_federated(name: str, num_clients: int, method: str, alpha: float, seed: int) -> FederatedData:
-    """A dataset by name, partitioned among ``num_clients``."""
-    if name not in DATASETS:
-        raise ValueError(f"dataset={name!r} is invalid: allowed {', '.join(DATASETS)}")
-    return DATASETS[name](num_clients, method, alpha, seed)
+def load_federated(
+    name: str,
+    num_clients: int,
+    method: str,
+    alpha: float,
+    seed: int,
+    data_path: str | None = None,
+    samples_per_client: int | None = None,
+    loader_kwargs: dict | None = None,
+) -> FederatedData:
+    """A dataset by name, partitioned among ``num_clients`` (``natural`` for the federated h5 sets)."""
+    if name in DATASETS:
+        return DATASETS[name](num_clients, method, alpha, seed)
+    if name not in FILE_DATASETS:
+        raise ValueError(f"dataset={name!r} is invalid: allowed {', '.join((*DATASETS, *FILE_DATASETS))}")
+    if not data_path:
+        raise ValueError(f"dataset={name!r} needs data_path: the folder or archive of its files (see README)")
+    from .datasets import LOADERS
+
+    arrays = LOADERS[name](data_path, **(loader_kwargs or {}))
+    if name in NATURAL:
+        clients = arrays.natural_clients[:num_clients]
+        if len(clients) < num_clients:
+            raise ValueError(f"client_num_in_total={num_clients} is invalid: {name} has {len(clients)} natural clients")
+    else:
+        clients = partition(arrays.y_train.numpy(), num_clients, method, alpha, samples_per_client, seed)
+    return FederatedData(arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test, clients, arrays.num_classes)

@@ -7,6 +7,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -106,10 +108,143 @@ def cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, width
     return CNN(num_classes, in_channels, image_size, width, hidden)
 
 
+class LSTMLayer(nn.Module):
+    """One LSTM layer whose input-to-hidden (``ih``, 4H × in) and hidden-to-hidden (``hh``, 4H × H)
+    matrices are ``nn.Linear`` modules, so PriSM can put both in principal form and a client's layer
+    is physically smaller (``nn.LSTM`` keeps them in one fused kernel that cannot be factorized).
+    Gate order i, f, g, o as in ``nn.LSTM``."""
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.ih = nn.Linear(input_size, 4 * hidden_size)
+        self.hh = nn.Linear(hidden_size, 4 * hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, steps, _ = x.shape
+        gates_x = self.ih(x)  # every time step at once
+        h = x.new_zeros(batch, self.hidden_size)
+        c = x.new_zeros(batch, self.hidden_size)
+        outputs = []
+        for t in range(steps):
+            i, f, g, o = (gates_x[:, t] + self.hh(h)).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1)
+
+
+class LSTMClassifier(nn.Module):
+    """Paper Table 4 (IMDB): embedding (vocab+1) × 64 → 2 LSTM layers of 256 → linear.
+
+    The paper's head is 256 → 1 with a sigmoid; here it is 256 → ``num_classes`` with softmax
+    cross-entropy (the same model for 2 classes). Sequences are right-padded with id 0; the last
+    non-padding step's state is classified."""
+
+    def __init__(self, vocab_size: int = 1000, embed_dim: int = 64, hidden: int = 256, layers: int = 2,
+                 num_classes: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size + 1, embed_dim, padding_idx=0)
+        dims = [embed_dim] + [hidden] * layers
+        self.lstm = nn.ModuleList(LSTMLayer(dims[i], dims[i + 1]) for i in range(layers))
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embedding(x)
+        for layer in self.lstm:
+            h = layer(h)
+        last = (x != 0).sum(1).clamp_min(1) - 1
+        return self.fc(h[torch.arange(len(x)), last])
+
+
+def lstm_imdb(vocab_size: int = 1000, embed_dim: int = 64, hidden: int = 256, layers: int = 2,
+              num_classes: int = 2) -> LSTMClassifier:
+    """The paper's IMDB LSTM (Table 4); shrink ``hidden`` for CPU runs."""
+    return LSTMClassifier(vocab_size, embed_dim, hidden, layers, num_classes)
+
+
+class CharLSTM(nn.Module):
+    """Next-character model for Shakespeare (FedML/TFF's: embedding 8 → 2 LSTM layers of 256 → linear).
+    Returns logits as ``(batch, vocab, time)`` so ``F.cross_entropy(logits, targets)`` applies."""
+
+    def __init__(self, vocab_size: int = 90, embed_dim: int = 8, hidden: int = 256, layers: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        dims = [embed_dim] + [hidden] * layers
+        self.lstm = nn.ModuleList(LSTMLayer(dims[i], dims[i + 1]) for i in range(layers))
+        self.fc = nn.Linear(hidden, vocab_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embedding(x)
+        for layer in self.lstm:
+            h = layer(h)
+        return self.fc(h).transpose(1, 2)
+
+
+def char_lstm(vocab_size: int = 90, embed_dim: int = 8, hidden: int = 256, layers: int = 2) -> CharLSTM:
+    return CharLSTM(vocab_size, embed_dim, hidden, layers)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention (``qkv``, ``proj``) and MLP (``fc1``, ``fc2``) are
+    ``nn.Linear`` modules, all factorizable."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.proj(att)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer (the journal version of PriSM trains DeiT-tiny). The patch
+    embedding (a conv on raw pixels) and the head stay dense by the default rule."""
+
+    def __init__(self, image_size: int = 32, patch: int = 4, in_channels: int = 3, num_classes: int = 10,
+                 dim: int = 192, depth: int = 6, heads: int = 3, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if image_size % patch or dim % heads:
+            raise ValueError(f"ViT: image_size={image_size} must be divisible by patch={patch} "
+                             f"and dim={dim} by heads={heads}")
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, patch)
+        tokens = (image_size // patch) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+def vit_small(image_size: int = 32, patch: int = 4, in_channels: int = 3, num_classes: int = 10, dim: int = 192,
+              depth: int = 6, heads: int = 3, mlp_ratio: float = 4.0) -> ViT:
+    """DeiT-tiny-like ViT for 32×32 inputs (dim 192, depth 6, 3 heads by default)."""
+    return ViT(image_size, patch, in_channels, num_classes, dim, depth, heads, mlp_ratio)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18_cifar": resnet18_cifar,
     "resnet_tiny": resnet_tiny,
     "cnn": cnn,
+    "lstm_imdb": lstm_imdb,
+    "char_lstm": char_lstm,
+    "vit_small": vit_small,
 }
 
 

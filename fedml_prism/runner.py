@@ -68,7 +68,11 @@ def read_config(path: str) -> dict[str, dict[str, Any]]:
 
 
 def build_job(path: str, output_dir: str | None = None) -> Job:
-    sections = read_config(path)
+    return job_from_sections(read_config(path), path, output_dir)
+
+
+def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir: str | None = None) -> Job:
+    """Validate config sections (as read from a fedml_config.yaml) into a :class:`Job`."""
     flat: dict[str, Any] = {}
     for name, section in sections.items():
         if name == "prism_args":
@@ -87,8 +91,8 @@ def build_job(path: str, output_dir: str | None = None) -> Job:
     out = output_dir or flat.get("output_dir") or os.path.join("outputs", os.path.splitext(os.path.basename(path))[0])
     settings = RunSettings.from_args(argparse.Namespace(**flat), output_dir=os.path.abspath(out))
     method = flat.get("partition_method", "iid")
-    if method not in PARTITIONS:
-        raise ValueError(f"partition_method={method!r} is invalid: allowed {', '.join(PARTITIONS)}")
+    if method not in PARTITIONS + ("natural",):
+        raise ValueError(f"partition_method={method!r} is invalid: allowed {', '.join(PARTITIONS)}, natural")
     compare = list(flat.get("compare_strategies") or [])
     for s in compare:
         if s not in STRATEGIES:
@@ -109,8 +113,13 @@ def build_job(path: str, output_dir: str | None = None) -> Job:
 
 
 def load_data(job: Job) -> FederatedData:
+    f = job.flat
+    path = f.get("data_path")
+    if path and not os.path.isabs(path):
+        path = os.path.normpath(os.path.join(os.path.dirname(job.path), path))
     return load_federated(
-        job.dataset, job.settings.client_num_in_total, job.partition_method, job.partition_alpha, job.prism.seed
+        job.dataset, job.settings.client_num_in_total, job.partition_method, job.partition_alpha, job.prism.seed,
+        data_path=path, samples_per_client=f.get("samples_per_client"), loader_kwargs=f.get("data_kwargs"),
     )
 
 

@@ -12,6 +12,7 @@ import copy
 import csv
 import json
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -54,6 +55,8 @@ class RunSettings:
     min_clients_per_round: int = 1
     round_timeout_s: float = 600.0
     start_timeout_s: float = 300.0
+    lr_schedule: str = "constant"
+    augment: str = "none"
     output_dir: str = "outputs"
 
     def __post_init__(self) -> None:
@@ -71,6 +74,10 @@ class RunSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name}={value!r} is invalid: allowed a number >= 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is invalid: allowed constant, cosine")
+        if self.augment not in ("none", "flip_crop"):
+            raise ValueError(f"augment={self.augment!r} is invalid: allowed none, flip_crop")
         if self.client_num_per_round > self.client_num_in_total:
             raise ValueError(
                 f"client_num_per_round={self.client_num_per_round} is invalid: allowed at most "
@@ -301,7 +308,17 @@ class PrismClient:
         if not isinstance(dataset, Dataset):
             return data  # a plain iterable of batches: used as given
         g = make_generator(self.config.seed, "data", round_idx, client_id)
-        return DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=True, generator=g)
+        loader = DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=True, generator=g)
+        if self.settings.augment == "flip_crop":
+            return _FlipCrop(loader, make_generator(self.config.seed, "augment", round_idx, client_id))
+        return loader
+
+    def learning_rate(self, round_idx: int) -> float:
+        """The round's learning rate (``cosine``: from ``learning_rate`` to 0 over ``comm_round``)."""
+        s = self.settings
+        if s.lr_schedule == "cosine":
+            return s.learning_rate * 0.5 * (1 + math.cos(math.pi * round_idx / s.comm_round))
+        return s.learning_rate
 
     def train(self, payload: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int, float]:
         """Train one ``down`` payload; returns the ``up`` payload, sample count and mean loss."""
@@ -310,7 +327,8 @@ class PrismClient:
             raise ValueError(f"this process holds no data for client {sub.client_id}")
         s = self.settings
         stats = local_train(
-            sub.module, self._batches(sub.client_id, sub.round_idx), epochs=s.epochs, lr=s.learning_rate,
+            sub.module, self._batches(sub.client_id, sub.round_idx), epochs=s.epochs,
+            lr=self.learning_rate(sub.round_idx),
             momentum=s.momentum, weight_decay=s.weight_decay, reg_lambda=self.config.reg_lambda,
             clip_norm=s.clip_grad_norm or None, device=self.device,
         )
@@ -325,6 +343,27 @@ class PrismClient:
             up[TRAIN_LOSS] = torch.tensor(loss)
             out[cid] = up
         return pack_bundle(out)
+
+
+class _FlipCrop:
+    """Random horizontal flip and 4-pixel-padded random crop of image batches (paper appendix A),
+    drawn from a seeded generator."""
+
+    def __init__(self, loader: DataLoader, generator: torch.Generator) -> None:
+        self.loader, self.g = loader, generator
+
+    def __iter__(self):
+        for x, y in self.loader:
+            n, _, h, w = x.shape
+            flip = torch.rand(n, generator=self.g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+            dx = torch.randint(0, 9, (n,), generator=self.g)
+            dy = torch.randint(0, 9, (n,), generator=self.g)
+            rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, x.shape[1], h, w + 8)
+            x = padded.gather(2, rows)
+            cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
+            yield x.gather(3, cols), y
 
 
 def _fmt(x: float) -> str:

@@ -33,6 +33,8 @@ def run_sp(job: Job, resume: bool = False, progress: bool = True) -> PrismServer
     from .fedml_glue import PrismClientTrainer, PrismServerAggregator
 
     torch.manual_seed(job.prism.seed)
+    if job.flat.get("torch_threads"):
+        torch.set_num_threads(int(job.flat["torch_threads"]))
     device = torch.device(job.flat.get("device", "cpu") if job.flat.get("using_gpu") else "cpu")
     data = load_data(job)
     model = create_model(job.model, **job.model_kwargs)

@@ -66,7 +66,7 @@ def local_train(
     """Train ``module`` in place for ``epochs`` passes over ``batches`` (cross-entropy)."""
     module.to(device).train()
     opt = make_optimizer(module, lr, momentum, weight_decay)
-    total, samples, steps = 0.0, 0, 0
+    total, samples, elements, steps = 0.0, 0, 0, 0
     for _ in range(epochs):
         for x, y in batches:
             x, y = x.to(device), y.to(device)
@@ -76,10 +76,11 @@ def local_train(
             if clip_norm:
                 nn.utils.clip_grad_norm_(module.parameters(), clip_norm)
             opt.step()
-            total += loss.item() * len(y)
+            total += loss.item() * y.numel()
+            elements += y.numel()
             samples += len(y)
             steps += 1
-    return TrainStats(total / samples if samples else math.nan, samples, steps)
+    return TrainStats(total / elements if elements else math.nan, samples, steps)
 
 
 @torch.no_grad()
@@ -95,5 +96,5 @@ def evaluate(
         out = module(x)
         loss += float(F.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
-        total += len(y)
+        total += y.numel()  # sequence models predict one class per position
     return (correct / total, loss / total) if total else (math.nan, math.nan)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedml_prism.models import cnn, resnet_tiny
+from fedml_prism.models import char_lstm, cnn, lstm_imdb, resnet_tiny, vit_small
 
 
 def _conv(kernel: int | tuple[int, int], stride: int = 1, padding: int = 0, dilation: int = 1) -> nn.Module:
@@ -26,6 +26,12 @@ TINY_MODELS = {
     "linear": (lambda: nn.Sequential(nn.Linear(10, 7), nn.Tanh(), nn.Linear(7, 6)), (10,)),
     "tiny_cnn": (lambda: cnn(num_classes=4, in_channels=1, image_size=12, width=0.125, hidden=16), (1, 12, 12)),
     "tiny_resnet": (lambda: resnet_tiny(num_classes=4, width=0.125), (3, 8, 8)),
+    "tiny_vit": (lambda: vit_small(image_size=8, patch=4, dim=16, depth=1, heads=2, num_classes=4), (3, 8, 8)),
+}
+# sequence models take token ids: name -> (factory, vocabulary size, sequence length)
+TINY_SEQUENCE_MODELS = {
+    "tiny_lstm_imdb": (lambda: lstm_imdb(vocab_size=30, embed_dim=8, hidden=12), 31, 7),
+    "tiny_char_lstm": (lambda: char_lstm(vocab_size=15, embed_dim=4, hidden=12), 15, 9),
 }
 
 
@@ -36,3 +42,11 @@ def tiny(request: pytest.FixtureRequest) -> tuple[str, nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = factory()
     return request.param, model, torch.randn(6, *shape, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(params=sorted(TINY_SEQUENCE_MODELS))
+def tiny_sequence(request: pytest.FixtureRequest) -> tuple[str, nn.Module, torch.Tensor]:
+    """(name, model, a batch of 6 token sequences, id 0 never used so no position is padding)."""
+    factory, vocab, steps = TINY_SEQUENCE_MODELS[request.param]
+    torch.manual_seed(0)
+    return request.param, factory(), torch.randint(1, vocab, (6, steps), generator=torch.Generator().manual_seed(1))

@@ -60,7 +60,14 @@ def test_sigma_is_frozen_buffer() -> None:
 
 
 def test_keep_ratio_one_reproduces_dense_model(tiny) -> None:
-    name, model, x = tiny
+    _check_keep_one(*tiny)
+
+
+def test_keep_ratio_one_reproduces_dense_sequence_model(tiny_sequence) -> None:
+    _check_keep_one(*tiny_sequence)
+
+
+def _check_keep_one(name: str, model: nn.Module, x: torch.Tensor) -> None:
     pm = PrincipalModel(model, ALL_LAYERS)
     assert pm.layers, f"{name}: nothing was factorized"
     reference = convert_static_bn(copy.deepcopy(model)).eval()
@@ -72,6 +79,19 @@ def test_keep_ratio_one_reproduces_dense_model(tiny) -> None:
         dense_err = (pm.dense_model().eval()(x) - reference(x)).abs().max().item()
     assert err <= 1e-4, f"{name}: keep-1 sub-model differs by {err}"
     assert dense_err <= 1e-4
+
+
+def test_lstm_layers_are_physically_small_on_clients() -> None:
+    from fedml_prism.models import lstm_imdb
+
+    model = lstm_imdb(hidden=64)
+    pm = PrincipalModel(model, PrismConfig(keep_ratio=0.2))
+    assert pm.layers == ["lstm.0.ih", "lstm.0.hh", "lstm.1.ih", "lstm.1.hh"]
+    sub = pm.sample_submodel(0, 0)
+    hh = sub.module.lstm[1].hh
+    assert isinstance(hh, PrincipalLinear) and hh.u.shape == (256, 13) and hh.v.shape == (13, 64)
+    lstm_params = lambda m: sum(p.numel() for p in m.lstm.parameters())  # noqa: E731
+    assert lstm_params(sub.module) < 0.3 * lstm_params(model)
 
 
 def test_convert_static_bn_keeps_affine_and_drops_statistics() -> None:

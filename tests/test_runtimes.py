@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,23 @@ def test_octopus_packages_build_offline_and_carry_the_job(tmp_path) -> None:
         out = run([str(BIN / "python"), str(entry), "--cf", str(config), "--check", "--rank", "0"],
                   tmp_path, f"{role}-check.log", timeout=60)
         assert "config OK: cross_silo/MQTT_S3, strategy=prism" in out
+
+
+def test_grpc_silent_worker_is_left_out_after_the_round_deadline(tmp_path) -> None:
+    # 10 local epochs: a worker spends seconds training, so it can be frozen in the middle of round 2
+    cfg = grpc_config(tmp_path, workers=2, train_args={"client_num_per_round": 6, "comm_round": 3, "epochs": 10},
+                      tracking_args={"round_timeout_s": 15})
+    out = tmp_path / "out"
+    server, clients = start_grpc(cfg, out, tmp_path, workers=2)
+    try:
+        wait_for(lambda: (out / "metrics.json").exists() and len(metrics(out)) >= 1, timeout=120, what="round 1")
+        time.sleep(0.3)
+        os.killpg(clients[1].pid, signal.SIGSTOP)  # alive but silent: no upload, no FINISHED
+        assert server.wait(timeout=180) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        for p in [server, *clients]:
+            stop(p)
+    rows = metrics(out)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[0]["clients"] == 6 and all(r["clients"] == 3 for r in rows[1:])
+    assert "within 15 s: closing the round without them" in (tmp_path / "server.log").read_text()

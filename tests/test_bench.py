@@ -1,0 +1,61 @@
+"""fedml-prism bench (smoke profile) and the rank analysis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedml_prism.cli import main
+from fedml_prism.data import load_federated
+from fedml_prism.rank import effective_kernels
+
+
+def test_bench_smoke_profile_writes_results_table_and_plots(tmp_path, capsys) -> None:
+    out = tmp_path / "bench"
+    assert main(["bench", "--profile", "smoke", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    strategies = {(r["strategy"], r["keep_ratio"]) for r in results["runs"]}
+    assert ("full", 1.0) in strategies
+    for s in ("prism", "orthdrop", "origdrop", "rolex", "uniform"):
+        assert {(s, 0.2), (s, 0.5)} <= strategies
+    for r in results["runs"]:
+        assert len(r["curve"]) == 2 and 0 <= r["final_acc"] <= 1 and r["client_params"] > 0
+    by = {(r["strategy"], r["keep_ratio"]): r for r in results["runs"]}
+    assert by[("prism", 0.2)]["client_params"] < by[("prism", 0.5)]["client_params"] < by[("full", 1.0)]["client_params"]
+    assert "| iid | prism | 0.2 |" in (out / "results.md").read_text() and "| iid | prism | 0.2 |" in table
+    for png in ("accuracy_vs_round_iid.png", "accuracy_vs_keep_ratio.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # a re-run resumes every finished run from its checkpoint instead of training again
+    assert main(["bench", "--profile", "smoke", "--out", str(out), "--strategies", "prism", "--keep-ratios", "0.2"]) == 0
+    again = json.loads((out / "results.json").read_text())["runs"][0]
+    assert again["curve"] == by[("prism", 0.2)]["curve"]
+
+
+def test_rank_command_on_a_checkpoint(tmp_path, capsys) -> None:
+    out = tmp_path / "bench"
+    assert main(["bench", "--profile", "smoke", "--out", str(out), "--strategies", "prism", "--keep-ratios", "0.5"]) == 0
+    ckpt = next(out.glob("runs/*/checkpoint.pt"))
+    capsys.readouterr()
+    assert main(["rank", "--checkpoint", str(ckpt), "--plot", str(tmp_path / "rank.png"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {r["layer"] for r in report} >= {"conv2", "hidden"}
+    assert all(1 <= r["effective_kernels"] <= r["rank"] for r in report)
+    assert (tmp_path / "rank.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["rank", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+
+
+def test_effective_kernels_measure() -> None:
+    assert effective_kernels(torch.ones(16)) == pytest.approx(16)
+    assert effective_kernels(torch.tensor([100.0] + [1e-3] * 15)) == pytest.approx(1, abs=1e-3)
+    mid = effective_kernels(torch.linspace(1, 0.1, 32))
+    assert 1 < mid < 32
+
+
+def test_file_datasets_need_a_path() -> None:
+    with pytest.raises(ValueError, match="dataset='cifar10' needs data_path"):
+        load_federated("cifar10", 10, "iid", 0.5, 0)
+    with pytest.raises(ValueError, match="dataset='svhn' is invalid"):
+        load_federated("svhn", 10, "iid", 0.5, 0)
