@@ -30,6 +30,7 @@ setup(
         "matplotlib",
         "scikit-learn",
         "PyYAML",
+        "h5py",
         "grpcio",
         "protobuf<4",
     ],

@@ -134,7 +134,23 @@ class LSTMLayer(nn.Module):
         return torch.stack(outputs, dim=1)
 
 
-class LSTMClassifier(nn.Module):
+class LSTMStack(nn.Module):
+    """Embedding then ``layers`` :class:`LSTMLayer` s; the base of the IMDB and Shakespeare models."""
+
+    def __init__(self, vocab_rows: int, embed_dim: int, hidden: int, layers: int, padding_idx: int | None) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_rows, embed_dim, padding_idx=padding_idx)
+        dims = [embed_dim] + [hidden] * layers
+        self.lstm = nn.ModuleList(LSTMLayer(dims[i], dims[i + 1]) for i in range(layers))
+
+    def encode(self, x: Tensor) -> Tensor:
+        h = self.embedding(x)
+        for layer in self.lstm:
+            h = layer(h)
+        return h
+
+
+class LSTMClassifier(LSTMStack):
     """Paper Table 4 (IMDB): embedding (vocab+1) × 64 → 2 LSTM layers of 256 → linear.
 
     The paper's head is 256 → 1 with a sigmoid; here it is 256 → ``num_classes`` with softmax
@@ -143,16 +159,11 @@ class LSTMClassifier(nn.Module):
 
     def __init__(self, vocab_size: int = 1000, embed_dim: int = 64, hidden: int = 256, layers: int = 2,
                  num_classes: int = 2) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab_size + 1, embed_dim, padding_idx=0)
-        dims = [embed_dim] + [hidden] * layers
-        self.lstm = nn.ModuleList(LSTMLayer(dims[i], dims[i + 1]) for i in range(layers))
+        super().__init__(vocab_size + 1, embed_dim, hidden, layers, padding_idx=0)
         self.fc = nn.Linear(hidden, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.embedding(x)
-        for layer in self.lstm:
-            h = layer(h)
+        h = self.encode(x)
         last = (x != 0).sum(1).clamp_min(1) - 1
         return self.fc(h[torch.arange(len(x)), last])
 
@@ -163,22 +174,16 @@ def lstm_imdb(vocab_size: int = 1000, embed_dim: int = 64, hidden: int = 256, la
     return LSTMClassifier(vocab_size, embed_dim, hidden, layers, num_classes)
 
 
-class CharLSTM(nn.Module):
+class CharLSTM(LSTMStack):
     """Next-character model for Shakespeare (FedML/TFF's: embedding 8 → 2 LSTM layers of 256 → linear).
     Returns logits as ``(batch, vocab, time)`` so ``F.cross_entropy(logits, targets)`` applies."""
 
     def __init__(self, vocab_size: int = 90, embed_dim: int = 8, hidden: int = 256, layers: int = 2) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embed_dim)
-        dims = [embed_dim] + [hidden] * layers
-        self.lstm = nn.ModuleList(LSTMLayer(dims[i], dims[i + 1]) for i in range(layers))
+        super().__init__(vocab_size, embed_dim, hidden, layers, padding_idx=None)
         self.fc = nn.Linear(hidden, vocab_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.embedding(x)
-        for layer in self.lstm:
-            h = layer(h)
-        return self.fc(h).transpose(1, 2)
+        return self.fc(self.encode(x)).transpose(1, 2)
 
 
 def char_lstm(vocab_size: int = 90, embed_dim: int = 8, hidden: int = 256, layers: int = 2) -> CharLSTM:

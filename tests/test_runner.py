@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 from runtime_utils import write_config
 
@@ -28,8 +26,7 @@ def test_bad_config_exits_2_naming_the_problem(tmp_path, capsys, sections, messa
     cfg = write_config(tmp_path / "bad.yaml", **sections)
     assert main(["run", "--cf", str(cfg), "--output-dir", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-    assert "fedml" not in sys.modules
+    assert not (tmp_path / "out").exists()  # nothing started
 
 
 def test_missing_config_file(tmp_path, capsys) -> None:
