@@ -124,14 +124,16 @@ def run_bench(profile_name: str, out_dir: str, overrides: dict[str, Any] | None 
     overrides = overrides or {}
     out_dir = os.path.abspath(out_dir)
     runs = plan_runs(PROFILES[profile_name], out_dir, overrides)
-    load_data(runs[0][1])  # fail early (missing dataset files) before any training
+    # loads the data once before any training: missing dataset files fail here, and every run
+    # shares the dataset, so its input shape is known
+    input_shape = tuple(load_data(runs[0][1]).x_train.shape[1:])
     results = []
     started = time.time()
     for i, (key, job) in enumerate(runs, 1):
         log.info("bench %d/%d: %s", i, len(runs), key)
         server = run_sp(job, resume=True, progress=False)
         row = dict(key)
-        row.update(summarize(server, tuple(load_data(job).x_train.shape[1:])))
+        row.update(summarize(server, input_shape))
         row["keep_ratio"] = key["keep_ratio"]
         row["curve"] = [m["test_acc"] for m in server.metrics]
         results.append(row)
