@@ -121,6 +121,41 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    from .runner import build_job, load_data
+
+    job = build_job(args.cf)
+    data = load_data(job)
+    summary = data.summary()
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        counts = np.zeros((len(summary), data.num_classes))
+        for c, idx in enumerate(data.client_indices):
+            counts[c] = np.bincount(data.y_train[idx].numpy().reshape(len(idx), -1)[:, 0], minlength=data.num_classes)
+        fig, ax = plt.subplots(figsize=(8, 4))
+        bottom = np.zeros(len(summary))
+        for k in range(data.num_classes):
+            ax.bar(range(len(summary)), counts[:, k], bottom=bottom, width=1.0)
+            bottom += counts[:, k]
+        ax.set(xlabel="client", ylabel="samples (stacked by class)",
+               title=f"{job.dataset}, {job.partition_method} partition, {len(summary)} clients")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        plt.close(fig)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{'client':>7}{'samples':>9}{'classes':>9}")
+        for row in summary:
+            print(f"{row['client']:>7}{row['samples']:>9}{row['classes']:>9}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import main as run_main
 
@@ -160,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--plot", default=None, help="write a PNG bar chart here")
     rank.add_argument("--json", action="store_true")
     rank.set_defaults(func=cmd_rank)
+
+    part = sub.add_parser("partition", help="samples and classes per client of a config's partition")
+    part.add_argument("--cf", required=True, help="fedml_config.yaml")
+    part.add_argument("--plot", default=None, help="write a stacked class-count bar chart (PNG) here")
+    part.add_argument("--json", action="store_true")
+    part.set_defaults(func=cmd_partition)
 
     run = sub.add_parser("run", help="run a fedml_config.yaml (sp simulation, MPI, gRPC, MQTT_S3)")
     run.add_argument("--cf", required=True, help="fedml_config.yaml")

@@ -47,3 +47,14 @@ def test_partitions_are_equal_sized_and_seeded() -> None:
     assert classes(low) < 4 < 9 < classes(high)
     again = partition(labels, 20, "dirichlet", alpha=0.1, seed=1)
     assert all(np.array_equal(a, b) for a, b in zip(low, again, strict=True))
+
+
+def test_partition_summary_cli(tmp_path, capsys) -> None:
+    import json
+
+    cfg = write_config(tmp_path / "p.yaml", data_args={"partition_method": "dirichlet", "partition_alpha": 0.1})
+    assert main(["partition", "--cf", str(cfg), "--json", "--plot", str(tmp_path / "p.png")]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 12 and len({r["samples"] for r in rows}) == 1
+    assert sum(r["classes"] for r in rows) / 12 < 5
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
