@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 #: Strategies that sample in the orthogonal (principal) space.
@@ -73,7 +73,6 @@ class PrismConfig:
     static_bn: bool = True
     svd_dtype: str = "float32"
     refresh: bool = True
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -139,7 +138,7 @@ class PrismConfig:
 
         Unknown keys raise a ``ValueError`` that lists the known ones.
         """
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(
@@ -149,7 +148,7 @@ class PrismConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML/JSON friendly view (the inverse of :meth:`from_mapping`)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["factorize_include"] = list(self.factorize_include)
         out["factorize_exclude"] = list(self.factorize_exclude)
         out["capacities"] = dict(self.capacities) if self.capacities else None

@@ -40,11 +40,6 @@ def matrix_shape(module: nn.Module) -> tuple[int, int]:
     return w.shape[0], math.prod(w.shape[1:])
 
 
-def num_components(module: nn.Module) -> int:
-    """``r = min(N, M·k·k)``."""
-    return min(matrix_shape(module))
-
-
 def factorizable_layers(model: nn.Module, config: PrismConfig) -> list[str]:
     """Names of the layers to put in principal form, in module order."""
     candidates = _candidates(model)

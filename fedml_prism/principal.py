@@ -201,10 +201,6 @@ class PrincipalModel:
         }
         return len(keys)
 
-    def pending_clients(self) -> list[int]:
-        """Clients that were sent a sub-model in the open round."""
-        return sorted(self._sent)
-
     # ------------------------------------------------------------------ aggregation
     def aggregate(self, updates: Iterable[tuple[SubModel, int] | ClientUpdate]) -> AggregateReport:
         """Aggregate the open round: validate each update against what was sent, Eq. 3 on the
