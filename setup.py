@@ -33,6 +33,8 @@ setup(
         "h5py",
         "grpcio",
         "protobuf<4",
+        "onnx>=1.15,<1.18",  # sub-model → ONNX → MNN (cross-device); later onnx needs protobuf 4
+        "MNN>=3,<4",  # MNN converter and training API (cross-device)
     ],
     extras_require={"dev": ["pytest", "pytest-timeout", "ruff", "moto[server]"]},
     entry_points={"console_scripts": ["fedml-prism=fedml_prism.cli:main"]},

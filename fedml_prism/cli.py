@@ -202,10 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--json", action="store_true")
     part.set_defaults(func=cmd_partition)
 
-    run = sub.add_parser("run", help="run a fedml_config.yaml (sp simulation, MPI, gRPC, MQTT_S3)")
+    run = sub.add_parser("run", help="run a fedml_config.yaml (sp simulation, MPI, gRPC, MQTT_S3, MQTT_S3_MNN)")
     run.add_argument("--cf", required=True, help="fedml_config.yaml")
     run.add_argument("--rank", type=int, default=0)
-    run.add_argument("--role", choices=("server", "client"), default="server")
+    run.add_argument("--role", choices=("server", "client", "device"), default="server",
+                     help="device: a reference cross-device (Beehive) device, with --edge-id")
+    run.add_argument("--edge-id", type=int, default=None, help="the device's edge id (cross_device, --role device)")
     run.add_argument("--run_id", default="0")
     run.add_argument("--output-dir", default=None, help="where metrics and checkpoints go")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")

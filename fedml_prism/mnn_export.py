@@ -327,7 +327,7 @@ class MnnExporter:
         probe = copy.deepcopy(form)
         g = torch.Generator().manual_seed(self.seed)
         with torch.no_grad():
-            for key, tensor in _export_state(probe).items():
+            for tensor in _export_state(probe).values():
                 if tensor.is_floating_point():
                     tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5)
         values = {k: v.detach().numpy().ravel() for k, v in _export_state(probe).items() if v.is_floating_point()}
@@ -359,7 +359,7 @@ def read_trained(path: str, graph: MnnGraph, sent: Mapping[str, Tensor]) -> Orde
     if len(params) != len(graph.keys):
         raise ValueError(f"{path}: {len(params)} parameters, the graph sent had {len(graph.keys)}")
     values: dict[str, Tensor] = {}
-    for key, arr in zip(graph.keys, params):
+    for key, arr in zip(graph.keys, params, strict=True):
         if arr.size != graph.shapes[key].numel():
             raise ValueError(f"{path}: parameter {key} has {arr.size} values, expected {graph.shapes[key].numel()}")
         values[key[len("net."):]] = torch.from_numpy(arr).reshape(graph.shapes[key])

@@ -28,7 +28,10 @@ from .server import RunSettings
 
 log = logging.getLogger("fedml_prism")
 
-RUNTIMES = {("simulation", "sp"), ("cross_silo", "MPI"), ("cross_silo", "GRPC"), ("cross_silo", "MQTT_S3")}
+RUNTIMES = {
+    ("simulation", "sp"), ("cross_silo", "MPI"), ("cross_silo", "GRPC"), ("cross_silo", "MQTT_S3"),
+    ("cross_device", "MQTT_S3_MNN"),
+}
 
 
 @dataclass
@@ -109,6 +112,10 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
         model_kwargs=dict(flat.get("model_kwargs") or {}), worker_num=worker_num, compare=compare,
     )
     create_model(job.model, **job.model_kwargs)  # fail early on a bad model name or keyword
+    if training_type == "cross_device":
+        from .cross_device import validate
+
+        validate(job)
     return job
 
 
@@ -147,6 +154,16 @@ def main(cli: argparse.Namespace) -> int:
 
         run_comparison(job, resume=cli.resume)
         return 0
+    if job.training_type == "cross_device":
+        from .cross_device import run_device, run_server
+
+        if cli.role == "device":
+            if cli.edge_id is None:
+                raise ValueError("--role device needs --edge-id (one of client_id_list)")
+            return run_device(job, cli.edge_id)
+        return run_server(job, run_id=cli.run_id)
+    if cli.role == "device":
+        raise ValueError(f"--role device is only for training_type: cross_device, not {job.training_type}")
     from .cross_silo import run_cross_silo
 
     return run_cross_silo(job, rank=cli.rank, role=cli.role, run_id=cli.run_id)

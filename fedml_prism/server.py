@@ -176,6 +176,10 @@ class PrismServer:
         self._bytes_down += payload_bytes(payload)
         return payload
 
+    def count_bytes_down(self, nbytes: int) -> None:
+        """Account for bytes sent in another form than a payload (e.g. an MNN graph)."""
+        self._bytes_down += int(nbytes)
+
     def bundles(self, workers: int) -> dict[int, OrderedDict[str, Tensor]]:
         """Open a round and give each of ``workers`` processes the payloads of its clients."""
         self.open_round()

@@ -13,26 +13,6 @@ MQTT_PORT="${MQTT_PORT:-1883}"
 S3_PORT="${S3_PORT:-5000}"
 source run/parties.sh
 
-MOSQUITTO="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
-[ -x "$MOSQUITTO" ] || { echo "mosquitto not found: apt-get install mosquitto" >&2; exit 2; }
-background "$MOSQUITTO" -p "$MQTT_PORT" >/dev/null 2>&1
-background "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT" >/dev/null 2>&1
-"$BIN/python" - "$S3_PORT" "$MQTT_PORT" <<'PY'
-import socket, sys, time
-import boto3
-s3_port, mqtt_port = int(sys.argv[1]), int(sys.argv[2])
-deadline = time.time() + 60
-for port in (s3_port, mqtt_port):
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                sys.exit(f"nothing listens on 127.0.0.1:{port}")
-            time.sleep(0.2)
-boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}", aws_access_key_id="testing",
-             aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="fedml-prism")
-PY
+start_broker_and_s3
 
 launch_parties "$CONFIG" "$WORKERS" 0
