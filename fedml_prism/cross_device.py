@@ -149,6 +149,8 @@ def _server_manager_class():
                 if not self._listening:
                     self._listening = True
                     mgr = self.com_manager.mqtt_mgr
+                    # FedML's comm manager parses every message as a FedML message: keep last wills from it
+                    mgr._passthrough_listeners[:] = [_skip_last_wills(f) for f in mgr._passthrough_listeners]
                     mgr.add_message_passthrough_listener(self._on_raw_message)
                     mgr._client.subscribe(DEVICE_LAST_WILL_TOPIC, qos=2)
                 if self.is_initialized:
@@ -332,6 +334,14 @@ def _server_manager_class():
             self._timer.start()
 
     return PrismMNNServerManager
+
+
+def _skip_last_wills(listener: Any) -> Any:
+    def listen(msg: Any) -> None:
+        if msg.topic != DEVICE_LAST_WILL_TOPIC:
+            listener(msg)
+
+    return listen
 
 
 def _run_id_value(run_id: Any) -> Any:

@@ -1,0 +1,123 @@
+"""Cross-device (Beehive) end to end: the PriSM MNN server and reference devices over a real MQTT broker
+(mosquitto) and a local S3 endpoint (moto_server). Every process has a timeout and is stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from runtime_utils import BIN, MODEL_KWARGS, final_state, free_ports, initial_state, metrics, start, stop, wait_for, write_config
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mosquitto() -> str:
+    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    assert path, "mosquitto missing: .ci/run installs it (apt-get install mosquitto)"
+    assert (BIN / "moto_server").exists(), "moto_server missing: pip install 'moto[server]'"
+    return path
+
+
+def _config(tmp: Path, mqtt_port: int, s3_port: int, **train: object) -> Path:
+    return write_config(
+        tmp / "cross_device.yaml",
+        common_args={"training_type": "cross_device", "scenario": "horizontal"},
+        model_args={"model": "cnn", "model_kwargs": MODEL_KWARGS, "input_shape": [1, 8, 8]},
+        train_args={"client_id_list": [11, 12, 13], "client_num_in_total": 3, "client_num_per_round": 3,
+                    "comm_round": 2, **train},
+        tracking_args={"output_dir": str(tmp / "out"), "round_timeout_s": 60, "start_timeout_s": 60},
+        comm_args={
+            "backend": "MQTT_S3_MNN",
+            "customized_training_mqtt_config": {"BROKER_HOST": "127.0.0.1", "BROKER_PORT": mqtt_port,
+                                                "MQTT_USER": "", "MQTT_PWD": "", "MQTT_KEEPALIVE": 60},
+            "customized_training_s3_config": {"BUCKET_NAME": "fedml-prism", "CN_S3_ENDPOINT": f"http://127.0.0.1:{s3_port}",
+                                              "CN_REGION_NAME": "us-east-1", "CN_S3_AKI": "testing", "CN_S3_SAK": "testing"},
+        },
+    )
+
+
+def _check_run(out: Path, rounds: int, devices_per_round: list[int]) -> None:
+    rows = metrics(out)
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    assert [r["clients"] for r in rows] == devices_per_round
+    for r in rows:
+        # each device got its own sub-model (distinct component selections), and it was aggregated
+        assert r["distinct_submodels"] == 3 and 0 < r["coverage"] <= 1 and r["bytes_up"] > 0
+        assert r["test_acc"] == r["test_acc"]
+    before, after = initial_state(seed=3), final_state(out)
+    assert any(not torch.allclose(before[k], after[k]) for k in before), "the global model did not change"
+    assert (out / "global_model.mnn").stat().st_size > 0
+
+
+def test_server_and_three_reference_devices_two_rounds(tmp_path) -> None:
+    _mosquitto()
+    mqtt_port, s3_port = free_ports(2)
+    cfg = _config(tmp_path, mqtt_port, s3_port)
+    proc = start(["bash", str(ROOT / "run" / "cross_device.sh"), str(cfg), "3", "200"], tmp_path, "cd.log",
+                 extra_env={"MQTT_PORT": str(mqtt_port), "S3_PORT": str(s3_port), "BIN": str(BIN), "RUN_ID": "4242"})
+    try:
+        assert proc.wait(timeout=240) == 0, (tmp_path / "cd.log").read_text()[-4000:]
+    finally:
+        stop(proc)
+    log = (tmp_path / "cd.log").read_text()
+    for edge in (11, 12, 13):
+        assert f"device {edge}: run 4242 (server 0)" in log
+        assert f"device {edge}: FINISHED after 2 rounds" in log
+    # the three devices trained their own data partitions (client_idx) with MNN
+    assert {int(p) for p in re.findall(r"trained on partition (\d+)", log)} == {0, 1, 2}
+    assert "did not report FINISHED" not in log and "closing the round without them" not in log
+    _check_run(tmp_path / "out", 2, [3, 3])
+
+
+def test_device_killed_mid_round_does_not_hang_the_server(tmp_path) -> None:
+    mosquitto = _mosquitto()
+    mqtt_port, s3_port = free_ports(2)
+    cfg = _config(tmp_path, mqtt_port, s3_port, epochs=25)  # long enough local training to kill a device in it
+    procs = [start([mosquitto, "-p", str(mqtt_port)], tmp_path, "mosquitto.log"),
+             start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], tmp_path, "s3.log")]
+    try:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}", aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+
+        def bucket_made() -> bool:
+            try:
+                s3.create_bucket(Bucket="fedml-prism")
+                return True
+            except Exception:  # noqa: BLE001 - the endpoint is not up yet
+                return False
+
+        wait_for(bucket_made, 60, "the local S3 endpoint")
+        cmd = [str(BIN / "fedml-prism"), "run", "--cf", str(cfg)]
+        server = start([*cmd, "--role", "server", "--run_id", "77"], tmp_path, "server.log")
+        procs.append(server)
+        devices = {e: start([*cmd, "--role", "device", "--edge-id", str(e)], tmp_path, f"device{e}.log")
+                   for e in (11, 12, 13)}
+        procs.extend(devices.values())
+        wait_for(lambda: "round 1: 3 devices got" in (tmp_path / "server.log").read_text(), 120, "round 1 to start")
+        time.sleep(1.0)
+        assert "trained" not in (tmp_path / "device13.log").read_text(), "device 13 finished training too early"
+        os.killpg(devices[13].pid, signal.SIGKILL)  # disconnects mid-round (its last will goes out)
+        devices[13].wait(timeout=10)
+        assert server.wait(timeout=200) == 0, (tmp_path / "server.log").read_text()[-4000:]
+        for e in (11, 12):
+            assert devices[e].wait(timeout=30) == 0
+    finally:
+        for p in procs:
+            stop(p)
+    log = (tmp_path / "server.log").read_text()
+    assert "device 13 disconnected (last will)" in log
+    rows = metrics(tmp_path / "out")
+    assert [r["clients"] for r in rows] == [2, 2]
+    assert rows[-1]["test_acc"] == rows[-1]["test_acc"] and rows[-1]["distinct_submodels"] == 2
+    before, after = initial_state(seed=3), final_state(tmp_path / "out")
+    assert any(not torch.allclose(before[k], after[k]) for k in before)
