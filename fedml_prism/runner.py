@@ -143,6 +143,8 @@ def _setup_logging() -> None:
 def main(cli: argparse.Namespace) -> int:
     _setup_logging()
     job = build_job(cli.cf, cli.output_dir)
+    if getattr(cli, "role", None) == "device" and job.training_type != "cross_device":
+        raise ValueError(f"--role device is only for training_type: cross_device, not {job.training_type}")
     if getattr(cli, "check", False):
         print(f"config OK: {job.training_type}/{job.backend}, strategy={job.prism.strategy}, "
               f"keep_ratio={job.prism.keep_ratio}, {job.settings.client_num_in_total} clients, "
@@ -162,8 +164,6 @@ def main(cli: argparse.Namespace) -> int:
                 raise ValueError("--role device needs --edge-id (one of client_id_list)")
             return run_device(job, cli.edge_id)
         return run_server(job, run_id=cli.run_id)
-    if cli.role == "device":
-        raise ValueError(f"--role device is only for training_type: cross_device, not {job.training_type}")
     from .cross_silo import run_cross_silo
 
     return run_cross_silo(job, rank=cli.rank, role=cli.role, run_id=cli.run_id)

@@ -20,6 +20,14 @@ from fedml_prism.data import partition
         ({"data_args": {"partition_method": "shards"}}, "partition_method='shards' is invalid"),
         ({"model_args": {"model": "nope"}}, "neither a built-in"),
         ({"comparison_args": {"compare_strategies": ["fedprox"]}}, "compare_strategies entry 'fedprox'"),
+        ({"common_args": {"training_type": "cross_device"}, "comm_args": {"backend": "MQTT_S3_MNN"},
+          "train_args": {"client_id_list": [1, 2], "client_num_in_total": 3, "client_num_per_round": 3}},
+         "client_id_list=[1, 2] is invalid: allowed 3 distinct edge ids"),
+        ({"common_args": {"training_type": "cross_device"}, "comm_args": {"backend": "MQTT_S3_MNN"},
+          "train_args": {"client_num_in_total": 3, "client_num_per_round": 3}},
+         "customized_training_mqtt_config is missing"),
+        ({"common_args": {"training_type": "cross_device"}, "comm_args": {"backend": "MQTT_S3"}},
+         "training_type/backend=cross_device/MQTT_S3 is invalid"),
     ],
 )
 def test_bad_config_exits_2_naming_the_problem(tmp_path, capsys, sections, message) -> None:
@@ -58,3 +66,9 @@ def test_partition_summary_cli(tmp_path, capsys) -> None:
     assert len(rows) == 12 and len({r["samples"] for r in rows}) == 1
     assert sum(r["classes"] for r in rows) / 12 < 5
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_device_role_needs_a_cross_device_config(tmp_path, capsys) -> None:
+    cfg = write_config(tmp_path / "sp.yaml")
+    assert main(["run", "--cf", str(cfg), "--role", "device", "--edge-id", "1", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--role device is only for training_type: cross_device" in capsys.readouterr().err
