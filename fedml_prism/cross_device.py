@@ -118,6 +118,7 @@ def _server_manager_class():
             self.sent: dict[int, tuple[Any, dict]] = {}  # edge → (graph, sub-model's up payload)
             self.received: dict[int, ClientUpdate | None] = {}
             self.finished_edges: set[int] = set()
+            self.late: dict[int, int] = {}  # edge → uploads still owed for rounds closed without them
             self._timer: threading.Timer | None = None
             self._announcer: threading.Thread | None = None
             self._listening = False
@@ -232,6 +233,13 @@ def _server_manager_class():
                 path = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
                 num = msg_params.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)
                 r = self.server.round_idx
+                if self.late.get(edge):
+                    # a device answers its messages in order: this upload is for a round already closed
+                    self.late[edge] -= 1
+                    log.warning("round %d: dropped a late model from device %d (an earlier round's)", r + 1, edge)
+                    if isinstance(path, str) and os.path.exists(path):
+                        os.remove(path)
+                    return
                 if edge not in self.sent or edge in self.received:
                     log.warning("round %d: ignored a model from device %d (not expected now)", r + 1, edge)
                     return
@@ -263,6 +271,9 @@ def _server_manager_class():
                 self._close_round()
 
         def _close_round(self) -> None:
+            for edge in self.sent:
+                if edge not in self.received and edge not in self.gone:
+                    self.late[edge] = self.late.get(edge, 0) + 1
             updates = [u for u in self.received.values() if u is not None]
             self.server.close_round(updates)
             self._write_global_graph()
