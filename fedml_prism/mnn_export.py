@@ -69,23 +69,23 @@ class _ExportPrincipal(nn.Module):
     def __init__(self, layer: PrincipalLayer) -> None:
         super().__init__()
         self.conv = isinstance(layer, PrincipalConv2d)
-        self.layer_geometry = layer
+        if self.conv:
+            self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+            self.padding_mode = layer.padding_mode
         self.u, self.v = layer.u, layer.v
         self.bias = layer.bias if layer.bias is not None else nn.Parameter(torch.zeros(layer.u.shape[0]))
         self.register_buffer("sigma", layer.sigma.detach().clone())
         self.register_buffer("v_bias", torch.zeros(layer.rank))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.conv:
-            g = self.layer_geometry
-            if g.padding_mode != "zeros":
-                x = F.pad(x, [p for p in reversed(g.padding) for _ in range(2)], mode=g.padding_mode)
-                padding = (0, 0)
-            else:
-                padding = g.padding
-            h = F.conv2d(x, self.v, self.v_bias, g.stride, padding, g.dilation) * self.sigma.view(1, -1, 1, 1)
-            return F.conv2d(h, self.u.view(*self.u.shape, 1, 1), self.bias)
-        return F.linear(F.linear(x, self.v, self.v_bias) * self.sigma, self.u, self.bias)
+        if not self.conv:
+            return F.linear(F.linear(x, self.v, self.v_bias) * self.sigma, self.u, self.bias)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, [p for p in reversed(self.padding) for _ in range(2)], mode=self.padding_mode)
+            padding = (0, 0)
+        h = F.conv2d(x, self.v, self.v_bias, self.stride, padding, self.dilation) * self.sigma.view(1, -1, 1, 1)
+        return F.conv2d(h, self.u.view(*self.u.shape, 1, 1), self.bias)
 
 
 class _ExportBatchNorm(nn.Module):
@@ -117,18 +117,21 @@ class _WithBias(nn.Module):
 
     def __init__(self, module: nn.Conv2d | nn.Linear) -> None:
         super().__init__()
-        self.inner = module
+        self.conv = isinstance(module, nn.Conv2d)
+        if self.conv:
+            self.stride, self.padding, self.dilation = module.stride, module.padding, module.dilation
+            self.groups, self.padding_mode = module.groups, module.padding_mode
+            self.pad = module._reversed_padding_repeated_twice
         self.weight = module.weight
         self.bias = nn.Parameter(torch.zeros(module.weight.shape[0]))
 
     def forward(self, x: Tensor) -> Tensor:
-        m = self.inner
-        if isinstance(m, nn.Conv2d):
-            if m.padding_mode != "zeros":
-                return F.conv2d(F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), self.weight,
-                                self.bias, m.stride, 0, m.dilation, m.groups)
-            return F.conv2d(x, self.weight, self.bias, m.stride, m.padding, m.dilation, m.groups)
-        return F.linear(x, self.weight, self.bias)
+        if not self.conv:
+            return F.linear(x, self.weight, self.bias)
+        if self.padding_mode != "zeros":
+            return F.conv2d(F.pad(x, self.pad, mode=self.padding_mode), self.weight, self.bias, self.stride, 0,
+                            self.dilation, self.groups)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class _Softmax(nn.Module):
@@ -172,13 +175,6 @@ def export_form(module: nn.Module) -> tuple[nn.Module, set[str], dict[str, bool]
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def _export_state(form: nn.Module) -> OrderedDict[str, Tensor]:
-    """State of the export form without the unused copies (``_WithBias.inner``, geometry holders)."""
-    return OrderedDict(
-        (k, v) for k, v in form.state_dict().items() if ".inner." not in k and ".layer_geometry." not in k
-    )
 
 
 # ---------------------------------------------------------------------------------- conversion
@@ -311,7 +307,7 @@ class MnnExporter:
     def export(self, module: nn.Module, path: str) -> MnnGraph:
         """Write ``module`` (a sub-model or a dense model) to ``path`` as an MNN training graph."""
         form, extras, principal = export_form(module)
-        state = _export_state(form)
+        state = form.state_dict()
         signature = tuple((k, tuple(v.shape)) for k, v in state.items())
         if signature not in self._maps:
             self._maps[signature] = self._probe(form, state, module, path)
@@ -327,10 +323,10 @@ class MnnExporter:
         probe = copy.deepcopy(form)
         g = torch.Generator().manual_seed(self.seed)
         with torch.no_grad():
-            for tensor in _export_state(probe).values():
+            for tensor in probe.state_dict().values():
                 if tensor.is_floating_point():
                     tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5)
-        values = {k: v.detach().numpy().ravel() for k, v in _export_state(probe).items() if v.is_floating_point()}
+        values = {k: v.detach().numpy().ravel() for k, v in probe.state_dict().items() if v.is_floating_point()}
         probe_path = path + ".probe"
         _convert(probe, self.input_shape, probe_path)
         try:
