@@ -45,7 +45,7 @@ import torch
 from .models import create_model
 from .principal import ClientUpdate
 from .runner import Job, load_data
-from .server import PrismServer
+from .server import Deadline, PrismServer
 
 log = logging.getLogger("fedml_prism")
 
@@ -119,7 +119,7 @@ def _server_manager_class():
             self.received: dict[int, ClientUpdate | None] = {}
             self.finished_edges: set[int] = set()
             self.late: dict[int, int] = {}  # edge → uploads still owed for rounds closed without them
-            self._timer: threading.Timer | None = None
+            self.deadline = Deadline()
             self._announcer: threading.Thread | None = None
             self._listening = False
             self._done = False
@@ -159,7 +159,7 @@ def _server_manager_class():
                 self._open_round()
                 self._announcer = threading.Thread(target=self._announce, daemon=True, name="prism-announce")
                 self._announcer.start()
-                self._arm(self._start_deadline, self.start_timeout_s)
+                self.deadline.arm(self._start_deadline, self.start_timeout_s)
 
         def _announce(self) -> None:
             """Repeat start_train and the status check until every device is online (messages are not
@@ -224,7 +224,7 @@ def _server_manager_class():
                     self.received[edge] = None
             log.info("round %d: %d devices got their own sub-model graphs (%d distinct selections)", r + 1,
                      len(self.sent), self.server.pm.distinct_selections())
-            self._arm(lambda: self._round_deadline(r), self.round_timeout_s)
+            self.deadline.arm(lambda: self._round_deadline(r), self.round_timeout_s)
             self._maybe_close()
 
         def handle_message_receive_model_from_client(self, msg_params: Any) -> None:
@@ -237,8 +237,7 @@ def _server_manager_class():
                     # a device answers its messages in order: this upload is for a round already closed
                     self.late[edge] -= 1
                     log.warning("round %d: dropped a late model from device %d (an earlier round's)", r + 1, edge)
-                    if isinstance(path, str) and os.path.exists(path):
-                        os.remove(path)
+                    _discard(path)
                     return
                 if edge not in self.sent or edge in self.received:
                     log.warning("round %d: ignored a model from device %d (not expected now)", r + 1, edge)
@@ -252,8 +251,7 @@ def _server_manager_class():
                     log.warning("round %d: unreadable model from device %d: %s", r + 1, edge, err)
                     self.received[edge] = None
                 finally:
-                    if isinstance(path, str) and os.path.exists(path):
-                        os.remove(path)
+                    _discard(path)
                 self._maybe_close()
 
         def _maybe_close(self) -> None:
@@ -316,7 +314,7 @@ def _server_manager_class():
             for edge in self.edges:
                 if edge not in self.gone:
                     self.send_message_finish(edge, self.edges.index(edge))
-            self._arm(lambda: self._maybe_finish(force=True), self.round_timeout_s)
+            self.deadline.arm(lambda: self._maybe_finish(force=True), self.round_timeout_s)
             self._maybe_finish()
 
         def process_finished_status(self, client_status: Any, msg_params: Any) -> None:
@@ -332,19 +330,16 @@ def _server_manager_class():
                     return
                 if pending:
                     log.warning("devices %s did not report FINISHED within %.0f s", pending, self.round_timeout_s)
-                if self._timer is not None:
-                    self._timer.cancel()
+                self.deadline.cancel()
                 log.info("cross-device run finished after %d rounds", self.server.round_idx)
                 self.finish()
 
-        def _arm(self, func: Any, seconds: float) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = threading.Timer(seconds, func)
-            self._timer.daemon = True
-            self._timer.start()
-
     return PrismMNNServerManager
+
+
+def _discard(path: Any) -> None:
+    if isinstance(path, str) and os.path.exists(path):
+        os.remove(path)
 
 
 def _skip_last_wills(listener: Any) -> Any:
@@ -383,21 +378,10 @@ def fedml_args(job: Job, run_id: str) -> Any:
 
 def run_server(job: Job, run_id: str) -> int:
     """The PriSM cross-device server, until every device has FINISHED (or the deadlines passed)."""
-    import fedml
-
-    from .cross_silo import _offline_mlops, _quiet_fedml
+    from .cross_silo import init_fedml
     from .mnn_export import MnnExporter
 
-    validate(job)
-    args = fedml_args(job, run_id)
-    workdir = os.path.join(job.settings.output_dir, "fedml")
-    os.makedirs(workdir, exist_ok=True)
-    os.chdir(workdir)
-    _offline_mlops()
-    args = fedml.init(args, check_env=False, should_init_logs=False)
-    _quiet_fedml()
-    torch.set_num_threads(int(job.flat.get("torch_threads", 1)))
-    torch.manual_seed(job.prism.seed)
+    args = init_fedml(job, fedml_args(job, run_id))
     data = load_data(job)
     model = create_model(job.model, **job.model_kwargs)
     test = data.fedml_dataset(job.settings.batch_size)[3]
@@ -415,7 +399,6 @@ def run_device(job: Job, edge_id: int) -> int:
     """A reference device (:mod:`fedml_prism.device`) serving edge ``edge_id`` of this job."""
     from .device import ReferenceDevice
 
-    validate(job)
     if edge_id not in edge_ids(job):
         raise ValueError(f"edge id {edge_id} is invalid: allowed {edge_ids(job)} (client_id_list)")
     torch.set_num_threads(int(job.flat.get("torch_threads", 1)))

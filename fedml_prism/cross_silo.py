@@ -57,20 +57,11 @@ def fedml_args(job: Job, rank: int, role: str, run_id: str) -> Any:
     return args
 
 
-def _worker_dataset(job: Job, fedml_data: list) -> list:
-    """FedML's 8-item list as FedML's cross-silo code indexes it: by worker (data silo) index."""
-    workers = range(job.worker_num)
-    return [fedml_data[0], fedml_data[1], fedml_data[2], fedml_data[3],
-            {w: 1 for w in workers}, {w: None for w in workers}, {w: None for w in workers}, fedml_data[7]]
-
-
-def run_cross_silo(job: Job, rank: int, role: str, run_id: str) -> int:
+def init_fedml(job: Job, args: Any) -> Any:
+    """``fedml.init`` for one process of a job: offline, FedML's ``./logs`` under OUTPUT_DIR/fedml, quiet
+    logging, the job's thread count and seed. Returns FedML's args."""
     import fedml
 
-    from .client_manager import run_client
-    from .fedml_glue import PrismClientTrainer, PrismServerAggregator
-
-    args = fedml_args(job, rank, role, run_id)
     workdir = os.path.join(job.settings.output_dir, "fedml")  # FedML writes ./logs: keep it out of the cwd
     os.makedirs(workdir, exist_ok=True)
     os.chdir(workdir)
@@ -79,6 +70,22 @@ def run_cross_silo(job: Job, rank: int, role: str, run_id: str) -> int:
     _quiet_fedml()
     torch.set_num_threads(int(job.flat.get("torch_threads", 1)))
     torch.manual_seed(job.prism.seed)
+    return args
+
+
+def _worker_dataset(job: Job, fedml_data: list) -> list:
+    """FedML's 8-item list as FedML's cross-silo code indexes it: by worker (data silo) index."""
+    workers = range(job.worker_num)
+    return [fedml_data[0], fedml_data[1], fedml_data[2], fedml_data[3],
+            {w: 1 for w in workers}, {w: None for w in workers}, {w: None for w in workers}, fedml_data[7]]
+
+
+def run_cross_silo(job: Job, rank: int, role: str, run_id: str) -> int:
+
+    from .client_manager import run_client
+    from .fedml_glue import PrismClientTrainer, PrismServerAggregator
+
+    args = init_fedml(job, fedml_args(job, rank, role, run_id))
     device = torch.device("cpu")
     data = load_data(job)
     fedml_data = data.fedml_dataset(job.settings.batch_size)

@@ -417,17 +417,20 @@ def train_graph(
     return samples, float(np.mean(losses)) if losses else float("nan")
 
 
+def _forward(module, x: Tensor) -> Tensor:
+    import numpy as np
+
+    expr = _mnn().expr
+    out = module.forward(expr.const(x.numpy().astype(np.float32), list(x.shape), expr.NCHW))
+    return torch.from_numpy(np.array(out.read(), dtype=np.float32).copy())
+
+
 def predict(path: str, x: Tensor, training: bool = True) -> Tensor:
     """The graph's output (probabilities) on ``x``; ``training`` selects MNN's training mode (batch
     statistics, as static BN uses)."""
-    import numpy as np
-
-    mnn = _mnn()
-    expr = mnn.expr
     module = load_module(path, True)
     module.train(training)
-    out = module.forward(expr.const(x.numpy().astype(np.float32), list(x.shape), expr.NCHW))
-    return torch.from_numpy(np.array(out.read(), dtype=np.float32).copy())
+    return _forward(module, x)
 
 
 def evaluate_graph(path: str, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[float, float]:
@@ -435,10 +438,12 @@ def evaluate_graph(path: str, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple
 
     Stands in for FedML 0.9.6 ``cross_device/server_mnn/fedml_aggregator.py:255`` (``loss.read()`` on
     an integer one-hot loss fails under MNN 3.x): the loss is computed here from the probabilities."""
+    module = load_module(path, True)
+    module.train(True)
     correct = total = 0
     nll = 0.0
     for x, y in batches:
-        prob = predict(path, x)
+        prob = _forward(module, x)
         correct += int((prob.argmax(1) == y).sum())
         nll += float(-torch.log(prob.gather(1, y.view(-1, 1)).clamp_min(1e-12)).sum())
         total += len(y)

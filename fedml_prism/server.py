@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -129,6 +130,23 @@ def unpack_bundle(bundle: Mapping[str, Tensor]) -> dict[int, dict[str, Tensor]]:
 
 def payload_bytes(payload: Mapping[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+class Deadline:
+    """One re-armable timer (daemon thread): arming it again replaces the pending call."""
+
+    def __init__(self) -> None:
+        self._timer: threading.Timer | None = None
+
+    def arm(self, func: Any, seconds: float) -> None:
+        self.cancel()
+        self._timer = threading.Timer(seconds, func)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class PrismServer:

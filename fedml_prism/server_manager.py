@@ -25,6 +25,8 @@ from fedml.core.distributed.communication.message import Message
 from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
 from fedml.cross_silo.server.message_define import MyMessage
 
+from .server import Deadline
+
 log = logging.getLogger("fedml_prism")
 
 
@@ -36,7 +38,7 @@ class PrismServerManager(FedMLServerManager):
         self.start_timeout_s = start_timeout_s
         self.dead: set[int] = set()
         self._lock = threading.RLock()
-        self._timer: threading.Timer | None = None
+        self.deadline = Deadline()
         self._finishing = False
 
     # ------------------------------------------------------------------ sends never raise
@@ -55,7 +57,7 @@ class PrismServerManager(FedMLServerManager):
     # ------------------------------------------------------------------ rounds with deadlines
     def handle_message_connection_ready(self, msg_params: Any) -> None:
         super().handle_message_connection_ready(msg_params)
-        self._arm(self._start_deadline, self.start_timeout_s)
+        self.deadline.arm(self._start_deadline, self.start_timeout_s)
 
     def send_init_msg(self) -> None:
         with self._lock:
@@ -72,10 +74,10 @@ class PrismServerManager(FedMLServerManager):
     def _round_sent(self) -> None:
         """A round's bundles went out: close dead workers' shares now, and arm the deadline."""
         if self.args.round_idx >= self.round_num:
-            self._arm(self._finish_deadline, self.round_timeout_s)
+            self.deadline.arm(self._finish_deadline, self.round_timeout_s)
             return
         round_idx = self.args.round_idx
-        self._arm(lambda: self._round_deadline(round_idx), self.round_timeout_s)
+        self.deadline.arm(lambda: self._round_deadline(round_idx), self.round_timeout_s)
         for worker in sorted(self.dead & set(self.client_id_list_in_this_round)):
             if self.args.round_idx != round_idx:
                 break
@@ -125,18 +127,10 @@ class PrismServerManager(FedMLServerManager):
         if pending:
             log.warning("workers %s did not report FINISHED within %.0f s", pending, self.round_timeout_s)
         self._finishing = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self.deadline.cancel()
         time.sleep(0.5)
         self.finish()
 
     def _finish_deadline(self) -> None:
         with self._lock:
             self._maybe_finish(force=True)
-
-    def _arm(self, func: Any, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = threading.Timer(seconds, func)
-        self._timer.daemon = True
-        self._timer.start()
