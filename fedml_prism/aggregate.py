@@ -7,6 +7,10 @@
 - :func:`average_elements`: FedAvg of dense entries; for the channel baselines (HeteroFL, FedRolex)
   every element is averaged over the clients that hold it, and elements nobody held stay as they were.
 - :func:`check_update`: why an update must be left out (wrong keys, shapes, indices, non-finite).
+- Momentum (``optimizer_state: aggregate``): the clients' SGD buffers go through the same two
+  functions (:func:`momentum_view`), so factor buffers get Eq. 3's ``α_i^c`` and dense buffers the
+  dense average; after the orthogonal refresh :func:`rotate_momentum` carries the factor buffers
+  into the new basis.
 
 Sums run in float64 and are cast back, so averaging identical updates reproduces them exactly.
 """
@@ -21,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .decompose import Factors
-from .submodel import META
+from .submodel import META, MOMENTUM
 
 
 @dataclass(frozen=True)
@@ -132,3 +136,50 @@ def check_update(
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"{key!r} has non-finite values"
     return None
+
+
+def momentum_view(c: Contribution) -> Contribution:
+    """The contribution's momentum buffers in place of its weights (same weight and selection), so
+    :func:`aggregate_components` and :func:`average_elements` aggregate them like the weights."""
+    payload = {k[len(MOMENTUM):]: v for k, v in c.payload.items() if k.startswith(MOMENTUM)}
+    return Contribution(payload, c.weight, c.components, c.rows, c.cols)
+
+
+def unscale_sqrt(agg: Factors, old: Factors) -> Factors:
+    """Back from the ``factor_scale: sqrt`` form: ``agg`` holds ``(ũ, 1, ṽ)`` with ``ũ = u√σ``; the
+    result has unit factors and ``σ_i = ‖ũ_i‖‖ṽ_i‖`` (the same product ``ũ_i ṽ_iᵀ``). Components whose
+    factors did not change (nobody trained them) are copied from ``old`` bit for bit."""
+    u, v = agg.u.to(torch.float64), agg.v.flatten(1).to(torch.float64)
+    nu, nv = u.norm(dim=0), v.norm(dim=1)
+    ok = (nu > 0) & (nv > 0)
+    sigma = torch.where(ok, nu * nv, torch.zeros_like(nu))
+    u = torch.where(ok, u / nu.clamp_min(1e-300), u)
+    v = torch.where(ok[:, None], v / nv.clamp_min(1e-300)[:, None], v)
+    root = old.sigma.clamp_min(0).sqrt()
+    same = ((agg.u == old.u * root).all(0)) & (agg.v.flatten(1) == old.v.flatten(1) * root[:, None]).all(1)
+    out_u = torch.where(same, old.u, u.to(old.u.dtype))
+    out_v = torch.where(same[:, None], old.v.flatten(1), v.to(old.v.dtype)).view_as(old.v)
+    return Factors(out_u, torch.where(same, old.sigma, sigma.to(old.sigma.dtype)), out_v)
+
+
+def component_change(old: Factors, new: Factors) -> Tensor:
+    """Per component ``i``: ``‖σ'_i u'_i v'_iᵀ − σ_i u_i v_iᵀ‖_F / ‖σ_i u_i v_iᵀ‖_F`` (same index ``i``
+    before the refresh; Gram form, no dense product)."""
+    a, b = old.u.to(torch.float64), old.v.flatten(1).to(torch.float64)
+    a2, b2 = new.u.to(torch.float64), new.v.flatten(1).to(torch.float64)
+    s, s2 = old.sigma.to(torch.float64), new.sigma.to(torch.float64)
+    na, nb, na2, nb2 = (a * a).sum(0), (b * b).sum(1), (a2 * a2).sum(0), (b2 * b2).sum(1)
+    sq = s2 ** 2 * na2 * nb2 - 2 * s * s2 * (a * a2).sum(0) * (b * b2).sum(1) + s ** 2 * na * nb
+    return sq.clamp_min(0).sqrt() / (s * (na * nb).sqrt()).clamp_min(1e-12)
+
+
+def rotate_momentum(momentum: Factors, before: Factors, after: Factors) -> Factors:
+    """Carry factor momentum from the basis it was built in (``before``: the round's orthonormal
+    factors) into the refreshed one (``after``): ``M_u ← M_u (U_beforeᵀ U_after)``,
+    ``M_v ← (V_before V_afterᵀ)ᵀ M_v``. A component whose SVD sign flipped gets its buffer flipped;
+    components that mix get the mix of their buffers."""
+    q_u = before.u.t() @ after.u
+    q_v = before.v.flatten(1) @ after.v.flatten(1).t()
+    m_u = momentum.u @ q_u
+    m_v = (q_v.t() @ momentum.v.flatten(1)).view_as(momentum.v)
+    return Factors(m_u, after.sigma, m_v)

@@ -18,6 +18,12 @@ CHANNEL_STRATEGIES = ("origdrop", "rolex", "full")
 STRATEGIES = PRINCIPAL_STRATEGIES + CHANNEL_STRATEGIES
 WEIGHTINGS = ("uniform", "samples")
 SVD_DTYPES = ("float32", "float64")
+#: How a client's factors carry σ: ``frozen`` (the paper's text: unit ``u``, ``v`` trained, σ a frozen
+#: buffer) or ``sqrt`` (the authors' reference code: ``u√σ`` and ``√σv`` trained, σ implicit).
+FACTOR_SCALES = ("frozen", "sqrt")
+#: What happens to the clients' SGD momentum between rounds: ``reset`` (a fresh optimizer each round)
+#: or ``aggregate`` (the server aggregates the buffers like the weights and sends them back).
+OPTIMIZER_STATES = ("reset", "aggregate")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -55,6 +61,13 @@ class PrismConfig:
         static_bn: convert BatchNorm layers to ``track_running_stats=False``.
         svd_dtype: precision of the decompositions (``float32`` or ``float64``).
         refresh: re-decompose every factorized layer after each aggregation (orthogonal refresh).
+        factor_scale: ``frozen`` (σ frozen, unit factors trained; the paper's text) or ``sqrt``
+            (``u√σ`` and ``√σv`` trained, so each component's magnitude trains too; the authors' code).
+        optimizer_state: ``reset`` (every round starts with zero momentum) or ``aggregate`` (the
+            server keeps momentum buffers in the global model's coordinates, averages the clients'
+            final buffers with the weights' coefficients, and sends each client its slice).
+        warmup_rounds: the first rounds in which the principal strategies send everyone the top-k
+            components (OrthDrop) before sampling starts (the authors' later code uses 50).
     """
 
     strategy: str = "prism"
@@ -73,6 +86,9 @@ class PrismConfig:
     static_bn: bool = True
     svd_dtype: str = "float32"
     refresh: bool = True
+    factor_scale: str = "frozen"
+    optimizer_state: str = "reset"
+    warmup_rounds: int = 0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -94,6 +110,15 @@ class PrismConfig:
             _fail("seed", self.seed, "an integer >= 0")
         if self.weighting not in WEIGHTINGS:
             _fail("weighting", self.weighting, f"one of {', '.join(WEIGHTINGS)}")
+        if self.factor_scale not in FACTOR_SCALES:
+            _fail("factor_scale", self.factor_scale, f"one of {', '.join(FACTOR_SCALES)}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            _fail("optimizer_state", self.optimizer_state, f"one of {', '.join(OPTIMIZER_STATES)}")
+        if isinstance(self.warmup_rounds, bool) or not isinstance(self.warmup_rounds, int) or self.warmup_rounds < 0:
+            _fail("warmup_rounds", self.warmup_rounds, "an integer >= 0")
+        for name in ("refresh", "static_bn", "skip_first_conv", "skip_1x1", "skip_classifier", "skip_no_saving"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "true or false")
         if self.svd_dtype not in SVD_DTYPES:
             _fail("svd_dtype", self.svd_dtype, f"one of {', '.join(SVD_DTYPES)}")
         for name in ("factorize_include", "factorize_exclude"):

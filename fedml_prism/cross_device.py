@@ -71,6 +71,9 @@ def validate(job: Job) -> None:
     for key in ("customized_training_mqtt_config", "customized_training_s3_config"):
         if not isinstance(job.flat.get(key), dict):
             raise ValueError(f"{key} is missing: cross_device needs the broker and S3 settings in comm_args")
+    if job.prism.optimizer_state != "reset":
+        raise ValueError(f"optimizer_state={job.prism.optimizer_state!r} is invalid for cross_device: allowed reset"
+                         " (MNN devices train with their own optimizer and return no momentum buffers)")
     if len(input_shape(job)) != 3:
         raise ValueError(f"input_shape={input_shape(job)} is invalid: cross_device exports image models [C, H, W]")
 
@@ -383,7 +386,7 @@ def run_server(job: Job, run_id: str) -> int:
 
     args = init_fedml(job, fedml_args(job, run_id))
     data = load_data(job)
-    model = create_model(job.model, **job.model_kwargs)
+    model = create_model(job.model, init=job.model_init, **job.model_kwargs)
     test = data.fedml_dataset(job.settings.batch_size)[3]
     server = PrismServer(model, job.prism, job.settings, test, "cpu")
     exporter = MnnExporter(input_shape(job), seed=job.prism.seed)

@@ -89,7 +89,7 @@ def run_cross_silo(job: Job, rank: int, role: str, run_id: str) -> int:
     device = torch.device("cpu")
     data = load_data(job)
     fedml_data = data.fedml_dataset(job.settings.batch_size)
-    model = create_model(job.model, **job.model_kwargs)
+    model = create_model(job.model, init=job.model_init, **job.model_kwargs)
     dataset = _worker_dataset(job, fedml_data)
     if args.rank == 0:
         server = PrismServer(model, job.prism, job.settings, fedml_data[3], device)

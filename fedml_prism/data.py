@@ -62,22 +62,28 @@ def partition(
     alpha: float = 0.5,
     samples_per_client: int | None = None,
     seed: int = 0,
+    disjoint: bool = True,
 ) -> list[np.ndarray]:
     """Split sample indices among clients, as the paper does.
 
     - ``iid``: a seeded shuffle cut into equal parts (``samples_per_client`` each, default all / N).
     - ``dirichlet``: each client draws class proportions ``q ~ Dir(α·1)`` and then the *same number*
-      of samples from them (without replacement within the client, from the pool of that class).
+      of samples from them. With ``disjoint`` (the default, as in the PriSM authors' code) every
+      sample goes to at most one client: a client's draws from an exhausted class go to the classes
+      that still have samples, in proportion to its ``q``. With ``disjoint=False`` each client draws
+      from the whole pool of each class, so a sample can land on several clients.
     """
     if method not in PARTITIONS:
         raise ValueError(f"partition_method={method!r} is invalid: allowed {', '.join(PARTITIONS)}")
     if num_clients < 1:
         raise ValueError(f"client_num_in_total={num_clients} is invalid: must be >= 1")
+    if not isinstance(disjoint, bool):
+        raise ValueError(f"partition_disjoint={disjoint!r} is invalid: allowed true or false")
     n = len(labels)
     per = samples_per_client or n // num_clients
-    if per < 1 or (method == "iid" and per * num_clients > n):
+    if per < 1 or ((method == "iid" or disjoint) and per * num_clients > n):
         raise ValueError(
-            f"{num_clients} clients x {per} samples do not fit in {n} training samples: "
+            f"client_num_in_total={num_clients} x samples_per_client={per} do not fit in {n} training samples: "
             "lower client_num_in_total or samples_per_client"
         )
     rng = np.random.default_rng(seed)
@@ -88,6 +94,8 @@ def partition(
         raise ValueError(f"partition_alpha={alpha!r} is invalid: must be > 0")
     classes = np.unique(labels)
     pools = {k: rng.permutation(np.flatnonzero(labels == k)) for k in classes}
+    if disjoint:
+        return _dirichlet_disjoint(rng, [pools[k] for k in classes], num_clients, per, alpha)
     out = []
     for _ in range(num_clients):
         q = rng.dirichlet(np.full(len(classes), alpha))
@@ -101,8 +109,45 @@ def partition(
     return out
 
 
+def _dirichlet_disjoint(
+    rng: np.random.Generator, pools: list[np.ndarray], num_clients: int, per: int, alpha: float
+) -> list[np.ndarray]:
+    """Dirichlet partition without overlap: clients take ``per`` samples each from shuffled class pools.
+
+    A client's draw for a class beyond what is left of it is redrawn over the classes that still have
+    samples, by the client's ``q`` renormalised over them (uniformly if ``q`` is 0 on all of them).
+    The caller guarantees ``num_clients * per <= sum(len(pool))``, so every client gets ``per``.
+    """
+    left = np.array([len(p) for p in pools], dtype=np.int64)
+    taken = np.zeros(len(pools), dtype=np.int64)
+    out = []
+    for _ in range(num_clients):
+        q = rng.dirichlet(np.full(len(pools), alpha))
+        want = rng.multinomial(per, q)
+        got = np.minimum(want, left)
+        left -= got
+        deficit = per - int(got.sum())
+        while deficit:  # each pass either places the whole deficit or empties one more class
+            open_ = left > 0
+            weights = np.where(open_, q, 0.0)
+            weights = weights / weights.sum() if weights.sum() > 0 else open_ / open_.sum()
+            extra = np.minimum(rng.multinomial(deficit, weights), left)
+            got += extra
+            left -= extra
+            deficit -= int(extra.sum())
+        chosen = [pool[t:t + g] for pool, t, g in zip(pools, taken, got, strict=True) if g]
+        taken += got
+        out.append(np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64))
+    return out
+
+
 def load_digits_data(
-    num_clients: int, method: str = "iid", alpha: float = 0.5, seed: int = 0, test_fraction: float = 0.2
+    num_clients: int,
+    method: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    disjoint: bool = True,
 ) -> FederatedData:
     """scikit-learn's handwritten digits (real data, bundled with the package), 1×8×8, 10 classes."""
     from sklearn.datasets import load_digits
@@ -114,7 +159,7 @@ def load_digits_data(
     perm = np.random.default_rng(12345).permutation(len(y))  # fixed train/test split
     n_test = int(len(y) * test_fraction)
     test, train = perm[:n_test], perm[n_test:]
-    clients = partition(y[train].numpy(), num_clients, method, alpha, seed=seed)
+    clients = partition(y[train].numpy(), num_clients, method, alpha, seed=seed, disjoint=disjoint)
     return FederatedData(x[train], y[train], x[test], y[test], clients, 10)
 
 
@@ -132,10 +177,13 @@ def load_federated(
     data_path: str | None = None,
     samples_per_client: int | None = None,
     loader_kwargs: dict | None = None,
+    disjoint: bool = True,
 ) -> FederatedData:
-    """A dataset by name, partitioned among ``num_clients`` (``natural`` for the federated h5 sets)."""
+    """A dataset by name, partitioned among ``num_clients`` (``natural`` for the federated h5 sets).
+
+    ``disjoint`` applies to ``dirichlet`` partitions (see :func:`partition`)."""
     if name in DATASETS:
-        return DATASETS[name](num_clients, method, alpha, seed)
+        return DATASETS[name](num_clients, method, alpha, seed, disjoint=disjoint)
     if name not in FILE_DATASETS:
         raise ValueError(f"dataset={name!r} is invalid: allowed {', '.join((*DATASETS, *FILE_DATASETS))}")
     if not data_path:
@@ -148,5 +196,7 @@ def load_federated(
         if len(clients) < num_clients:
             raise ValueError(f"client_num_in_total={num_clients} is invalid: {name} has {len(clients)} natural clients")
     else:
-        clients = partition(arrays.y_train.numpy(), num_clients, method, alpha, samples_per_client, seed)
+        clients = partition(
+            arrays.y_train.numpy(), num_clients, method, alpha, samples_per_client, seed, disjoint=disjoint
+        )
     return FederatedData(arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test, clients, arrays.num_classes)

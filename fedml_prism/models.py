@@ -271,10 +271,47 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
     return target
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """A built-in model by name, or ``package.module:callable(**kwargs)``."""
+INIT_SCHEMES = ("default", "kaiming_fan_out")
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def check_init_scheme(scheme: str) -> None:
+    """Raise ValueError naming ``model_init`` unless ``scheme`` is one of :data:`INIT_SCHEMES`."""
+    if not isinstance(scheme, str) or scheme not in INIT_SCHEMES:
+        raise ValueError(f"model_init={scheme!r} is invalid: allowed {', '.join(INIT_SCHEMES)}")
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, scheme: str = "default") -> nn.Module:
+    """Re-initialise ``model`` in place by ``scheme`` and return it.
+
+    - ``default``: PyTorch's own initialisation, untouched.
+    - ``kaiming_fan_out``: as the PriSM authors' ResNets: every ``nn.Conv2d`` weight
+      ``kaiming_normal_(mode="fan_out", nonlinearity="relu")`` and bias 0, every BatchNorm weight 1
+      and bias 0; ``nn.Linear`` keeps PyTorch's default.
+
+    Draws come from the global torch RNG, so ``torch.manual_seed`` makes the result reproducible.
+    """
+    check_init_scheme(scheme)
+    if scheme == "default":
+        return model
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, _BATCH_NORMS) and module.affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def create_model(name: str, init: str = "default", **kwargs: Any) -> nn.Module:
+    """A built-in model by name, or ``package.module:callable(**kwargs)``, initialised by ``init``
+    (one of :data:`INIT_SCHEMES`, see :func:`init_weights`)."""
+    check_init_scheme(init)
     factory = MODELS.get(name) or resolve_callable(name)
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r} returned a {type(model).__name__}, not an nn.Module")
-    return model
+    return init_weights(model, init)

@@ -19,11 +19,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .aggregate import Contribution, aggregate_components, average_elements, check_update
+from .aggregate import (
+    Contribution,
+    aggregate_components,
+    average_elements,
+    check_update,
+    component_change,
+    momentum_view,
+    rotate_momentum,
+    unscale_sqrt,
+)
 from .channels import ChannelPlan, channel_plan
 from .config import PrismConfig
 from .decompose import Factors, factorizable_layers, svd_factors
 from .layers import convert_static_bn
+from .rank import effective_kernels
 from .sampling import (
     draw_capacity,
     first_channels,
@@ -33,7 +43,7 @@ from .sampling import (
     sample_components,
     top_components,
 )
-from .submodel import RESERVED, SubModel, build_module, meta_skeleton
+from .submodel import MOMENTUM, RESERVED, SubModel, build_module, meta_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,7 @@ class ClientUpdate:
     payload: Mapping[str, Tensor]
     num_samples: int = 1
     train_loss: float = float("nan")
+    start_loss: float = float("nan")
 
 
 @dataclass
@@ -58,6 +69,10 @@ class AggregateReport:
     rejected: dict[int, str] = field(default_factory=dict)
     coverage: float = 0.0
     refresh_failed: list[str] = field(default_factory=list)
+    #: per factorized layer: what the round's sub-models carried and how the layer moved
+    #: (``energy_kept``, ``coverage``, ``effective_rank``, ``rank``, ``delta_rel``, ``delta_top``,
+    #: ``delta_rest``; see :meth:`PrincipalModel.aggregate`)
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +118,15 @@ class PrincipalModel:
         self.factors: dict[str, Factors] = {
             name: svd_factors(state[name + ".weight"], self.config.svd_dtype, name) for name in self.layers
         }
+        #: SGD momentum in the global model's coordinates (``optimizer_state: aggregate``): one buffer
+        #: per trainable dense parameter, and ``<layer>.u`` / ``<layer>.v`` per factorized layer
+        self.momentum: dict[str, Tensor] = {}
+        if self.config.optimizer_state == "aggregate":
+            trainable = {k for k, _ in self.skeleton.named_parameters()}
+            self.momentum = {k: torch.zeros_like(v) for k, v in self.dense.items() if k in trainable}
+            for name, f in self.factors.items():
+                self.momentum[name + ".u"] = torch.zeros_like(f.u)
+                self.momentum[name + ".v"] = torch.zeros_like(f.v)
         self.rounds_done = 0
         self._sent: dict[int, _Sent] = {}
         self._open_round: int | None = None
@@ -133,7 +157,7 @@ class PrincipalModel:
         up = sub.to_payload("up")
         self._sent[client_id] = _Sent(
             rho,
-            {k: v.shape for k, v in up.items() if not k.startswith(RESERVED)},
+            {k: v.shape for k, v in up.items() if not k.startswith(RESERVED) or k.startswith(MOMENTUM)},
             sub.index_entries(),
             sub.components,
             sub.rows,
@@ -150,26 +174,35 @@ class PrincipalModel:
         g = make_generator(self.config.seed, "sample", round_idx, client_id)
         state: dict[str, Tensor] = dict(self.dense)
         components: dict[str, Tensor] = {}
+        top_k = self.config.strategy == "orthdrop" or round_idx < self.config.warmup_rounds
         for name in self.layers:
             f = self.factors[name]
             rank = len(f.sigma)
             keep = keep_count(rho, rank)
-            if self.config.strategy == "orthdrop":
+            if top_k:
                 idx = top_components(rank, keep)
             else:
                 idx = sample_components(f.sigma, keep, self.config.kappa, g)
             components[name] = idx
-            state[name + ".u"] = f.u[:, idx]
-            state[name + ".v"] = f.v[idx]
-            state[name + ".sigma"] = f.sigma[idx]
+            u, v, sigma = f.u[:, idx], f.v[idx], f.sigma[idx]
+            if self.config.factor_scale == "sqrt":
+                root = sigma.clamp_min(0).sqrt()
+                u, v, sigma = u * root, v * root.view(-1, *[1] * (v.dim() - 1)), torch.ones_like(sigma)
+            state[name + ".u"], state[name + ".v"], state[name + ".sigma"] = u, v, sigma
         ranks = {n: len(i) for n, i in components.items()}
         module = build_module(self.skeleton, state, ranks, device=device)
-        return SubModel(module, self.config.strategy, client_id, round_idx, rho, components)
+        momentum = {}
+        if self.momentum:
+            momentum = {k: self.momentum[k] for k in self.dense if k in self.momentum}
+            for name, idx in components.items():
+                momentum[name + ".u"] = self.momentum[name + ".u"][:, idx]
+                momentum[name + ".v"] = self.momentum[name + ".v"][idx]
+        return SubModel(module, self.config.strategy, client_id, round_idx, rho, components, momentum=momentum)
 
     def _sample_channels(self, client_id: int, round_idx: int, rho: float, device: Any) -> SubModel:
         if self.plan is None:  # full FedAvg
             module = build_module(self.skeleton, self.dense, device=device)
-            return SubModel(module, "full", client_id, round_idx, rho)
+            return SubModel(module, "full", client_id, round_idx, rho, momentum=dict(self.momentum))
         kept = {}
         for g in self.plan.free_groups():
             size = self.plan.sizes[g]
@@ -179,19 +212,13 @@ class PrincipalModel:
             else:
                 kept[g] = first_channels(size, keep)
         slices = self.plan.slices(kept)
-        state = {}
-        for key, value in self.dense.items():
-            rows, cols = slices.get(key.rpartition(".")[0], (None, None))
-            if rows is not None and value.dim() >= 1:
-                value = value.index_select(0, rows)
-            if cols is not None and value.dim() >= 2:
-                value = value.index_select(1, cols)
-            state[key] = value
+        state = {key: _cut(value, slices.get(key.rpartition(".")[0])) for key, value in self.dense.items()}
+        momentum = {key: _cut(value, slices.get(key.rpartition(".")[0])) for key, value in self.momentum.items()}
         cut = {n: (None if r is None else len(r), None if c is None else len(c)) for n, (r, c) in slices.items()}
         module = build_module(self.skeleton, state, cut=cut, device=device)
         rows = {n: r for n, (r, _) in slices.items() if r is not None}
         cols = {n: c for n, (_, c) in slices.items() if c is not None}
-        return SubModel(module, self.config.strategy, client_id, round_idx, rho, rows=rows, cols=cols)
+        return SubModel(module, self.config.strategy, client_id, round_idx, rho, rows=rows, cols=cols, momentum=momentum)
 
     def distinct_selections(self) -> int:
         """How many different sub-models (index sets and sizes) were sent in the open round."""
@@ -234,18 +261,48 @@ class PrincipalModel:
         contributions = [c for _, c in sorted(contributions, key=lambda item: item[0])]
         if contributions:
             self.dense = average_elements(self.dense, contributions)
+            if self.momentum:
+                views = [momentum_view(c) for c in contributions]
+                dense_keys = [k for k in self.momentum if k in self.dense]
+                self.momentum.update(average_elements({k: self.momentum[k] for k in dense_keys}, views))
             if self.layers:
-                report.coverage = _coverage(self.factors, contributions)
-                factors = aggregate_components(self.factors, contributions)
-                if self.config.refresh:
-                    factors = self._refresh(factors, report)
-                self.factors = factors
+                self._aggregate_layers(contributions, report)
         else:
             log.warning("round %d: no update accepted; the global model is unchanged", report.round_idx + 1)
         self._sent.clear()
         self._open_round = None
         self.rounds_done += 1
         return report
+
+    def _aggregate_layers(self, contributions: list[Contribution], report: AggregateReport) -> None:
+        """Eq. 3 on every factorized layer, the momentum of the factors with the same coefficients,
+        the orthogonal refresh, and the round's per-layer diagnostics."""
+        old = self.factors
+        sqrt = self.config.factor_scale == "sqrt"
+        work = {n: _sqrt_form(f) for n, f in old.items()} if sqrt else old
+        factors = aggregate_components(work, contributions)
+        if sqrt:
+            factors = {n: unscale_sqrt(factors[n], old[n]) for n in factors}
+        hits = {n: _hits(n, len(f.sigma), contributions) for n, f in old.items()}
+        report.coverage = sum(int((h > 0).sum()) for h in hits.values()) / max(1, sum(len(h) for h in hits.values()))
+        change = {n: component_change(old[n], factors[n]) for n in old}
+        momentum_factors = {}
+        if self.momentum:
+            views = [momentum_view(c) for c in contributions]
+            momentum_factors = aggregate_components(
+                {n: Factors(self.momentum[n + ".u"], old[n].sigma, self.momentum[n + ".v"]) for n in old}, views
+            )
+        if self.config.refresh:
+            factors = self._refresh(factors, report)
+        for name, f in factors.items():
+            if name in momentum_factors:
+                m = momentum_factors[name]
+                if self.config.refresh and name not in report.refresh_failed:
+                    m = rotate_momentum(m, old[name], f)
+                self.momentum[name + ".u"], self.momentum[name + ".v"] = m.u, m.v
+            report.layers[name] = _layer_diagnostics(old[name], f, hits[name], change[name], contributions, name,
+                                                     keep_count(self.config.max_keep_ratio, len(f.sigma)))
+        self.factors = factors
 
     def _refresh(self, factors: dict[str, Factors], report: AggregateReport) -> dict[str, Factors]:
         out = {}
@@ -287,6 +344,7 @@ class PrincipalModel:
             "config": self.config.to_dict(),
             "dense": dict(self.dense),
             "factors": {n: {"u": f.u, "sigma": f.sigma, "v": f.v} for n, f in self.factors.items()},
+            "momentum": dict(self.momentum),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -296,18 +354,57 @@ class PrincipalModel:
         self.rounds_done = int(state["rounds_done"])
         self.dense = OrderedDict((k, state["dense"][k].clone()) for k in self.dense)
         self.factors = {n: Factors(d["u"].clone(), d["sigma"].clone(), d["v"].clone()) for n, d in state["factors"].items()}
+        momentum = state.get("momentum", {})
+        if set(momentum) != set(self.momentum):
+            raise ValueError("checkpoint's momentum buffers do not match optimizer_state of this run")
+        self.momentum = {k: v.clone() for k, v in momentum.items()}
         self._sent.clear()
         self._open_round = None
 
 
-def _coverage(factors: Mapping[str, Factors], contributions: list[Contribution]) -> float:
-    """Fraction of all principal components trained by at least one client this round."""
-    total = hit = 0
-    for name, f in factors.items():
-        seen = torch.zeros(len(f.sigma), dtype=torch.bool)
-        for c in contributions:
-            if name in c.components:
-                seen[c.components[name]] = True
-        total += len(seen)
-        hit += int(seen.sum())
-    return hit / total if total else 0.0
+def _cut(value: Tensor, rows_cols: tuple[Tensor | None, Tensor | None] | None) -> Tensor:
+    """``value`` restricted to the kept output rows / input columns of its module."""
+    rows, cols = rows_cols or (None, None)
+    if rows is not None and value.dim() >= 1:
+        value = value.index_select(0, rows)
+    if cols is not None and value.dim() >= 2:
+        value = value.index_select(1, cols)
+    return value
+
+
+def _sqrt_form(f: Factors) -> Factors:
+    """``(u√σ, 1, √σv)``: the factors as clients train them with ``factor_scale: sqrt``."""
+    root = f.sigma.clamp_min(0).sqrt()
+    return Factors(f.u * root, torch.ones_like(f.sigma), f.v * root.view(-1, *[1] * (f.v.dim() - 1)))
+
+
+def _hits(name: str, rank: int, contributions: list[Contribution]) -> Tensor:
+    """How many accepted clients trained each component of layer ``name``."""
+    hits = torch.zeros(rank, dtype=torch.int64)
+    for c in contributions:
+        if name in c.components:
+            hits[c.components[name]] += 1
+    return hits
+
+
+def _layer_diagnostics(
+    old: Factors, new: Factors, hits: Tensor, change: Tensor, contributions: list[Contribution], name: str, top: int
+) -> dict[str, float]:
+    """One layer's round: the energy share ``Σσ²_kept / Σσ²`` the sub-models carried (mean over
+    clients), the share of components trained, the effective rank after the round, the relative
+    change of the layer, and the mean relative change per component for the top-``top`` components
+    and for the others (untrained components count 0)."""
+    energy = old.sigma.to(torch.float64) ** 2
+    total = float(energy.sum()) or 1.0
+    shares = [float(energy[c.components[name]].sum()) / total for c in contributions if name in c.components]
+    before = old.dense()
+    delta = float((new.dense() - before).norm() / before.norm().clamp_min(1e-12))
+    return {
+        "rank": len(old.sigma),
+        "energy_kept": sum(shares) / len(shares) if shares else 0.0,
+        "coverage": float((hits > 0).double().mean()),
+        "effective_rank": effective_kernels(new.sigma),
+        "delta_rel": delta,
+        "delta_top": float(change[:top].mean()),
+        "delta_rest": float(change[top:].mean()) if len(change) > top else 0.0,
+    }

@@ -23,7 +23,7 @@ import yaml
 
 from .config import STRATEGIES, PrismConfig
 from .data import PARTITIONS, FederatedData, load_federated
-from .models import create_model
+from .models import check_init_scheme, create_model
 from .server import RunSettings
 
 log = logging.getLogger("fedml_prism")
@@ -51,6 +51,8 @@ class Job:
     model_kwargs: dict[str, Any]
     worker_num: int
     compare: list[str] = field(default_factory=list)
+    partition_disjoint: bool = True
+    model_init: str = "default"
 
 
 def read_config(path: str) -> dict[str, dict[str, Any]]:
@@ -96,6 +98,11 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
     method = flat.get("partition_method", "iid")
     if method not in PARTITIONS + ("natural",):
         raise ValueError(f"partition_method={method!r} is invalid: allowed {', '.join(PARTITIONS)}, natural")
+    disjoint = flat.get("partition_disjoint", True)
+    if not isinstance(disjoint, bool):
+        raise ValueError(f"partition_disjoint={disjoint!r} is invalid: allowed true or false")
+    model_init = flat.get("model_init", "default")
+    check_init_scheme(model_init)
     compare = list(flat.get("compare_strategies") or [])
     for s in compare:
         if s not in STRATEGIES:
@@ -110,8 +117,9 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
         backend=backend, dataset=flat.get("dataset", "digits"), partition_method=method,
         partition_alpha=float(flat.get("partition_alpha", 0.5)), model=flat.get("model", "cnn"),
         model_kwargs=dict(flat.get("model_kwargs") or {}), worker_num=worker_num, compare=compare,
+        partition_disjoint=disjoint, model_init=model_init,
     )
-    create_model(job.model, **job.model_kwargs)  # fail early on a bad model name or keyword
+    create_model(job.model, init=job.model_init, **job.model_kwargs)  # fail early on a bad model name or keyword
     if training_type == "cross_device":
         from .cross_device import validate
 
@@ -127,6 +135,7 @@ def load_data(job: Job) -> FederatedData:
     return load_federated(
         job.dataset, job.settings.client_num_in_total, job.partition_method, job.partition_alpha, job.prism.seed,
         data_path=path, samples_per_client=f.get("samples_per_client"), loader_kwargs=f.get("data_kwargs"),
+        disjoint=job.partition_disjoint,
     )
 
 

@@ -36,6 +36,7 @@ log = logging.getLogger("fedml_prism")
 
 NUM_SAMPLES = "prism::num_samples"
 TRAIN_LOSS = "prism::train_loss"
+START_LOSS = "prism::start_loss"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class RunSettings:
     start_timeout_s: float = 300.0
     lr_schedule: str = "constant"
     augment: str = "none"
+    diagnostics: bool = False
     output_dir: str = "outputs"
 
     def __post_init__(self) -> None:
@@ -75,6 +77,8 @@ class RunSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name}={value!r} is invalid: allowed a number >= 0")
+        if not isinstance(self.diagnostics, bool):
+            raise ValueError(f"diagnostics={self.diagnostics!r} is invalid: allowed true or false")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is invalid: allowed constant, cosine")
         if self.augment not in ("none", "flip_crop"):
@@ -166,6 +170,7 @@ class PrismServer:
         self.metrics: list[dict[str, Any]] = []
         self.selected: list[int] = []
         self._bytes_down = 0
+        self._dense_client_loss = float("nan")
         self._round_start = time.time()
         self._run_start = time.time()
         os.makedirs(settings.output_dir, exist_ok=True)
@@ -185,8 +190,14 @@ class PrismServer:
         s = self.settings
         self.selected = select_clients(self.config.seed, self.round_idx, s.client_num_in_total, s.client_num_per_round)
         self._bytes_down = 0
+        self._dense_client_loss = float("nan")
         self._round_start = time.time()
         return self.selected
+
+    def record_dense_client_loss(self, loss: float) -> None:
+        """The dense global model's mean loss on the round's client data (a simulation can measure
+        it; a deployed server cannot see client data)."""
+        self._dense_client_loss = float(loss)
 
     def payload_for(self, client_id: int) -> dict[str, Tensor]:
         """The ``down`` payload of one selected client (the server remembers what it sent)."""
@@ -222,7 +233,8 @@ class PrismServer:
                     continue
                 num = payload.pop(NUM_SAMPLES, torch.tensor(0))
                 loss = payload.pop(TRAIN_LOSS, torch.tensor(float("nan")))
-                updates.append(ClientUpdate(cid, payload, int(num), float(loss)))
+                start = payload.pop(START_LOSS, torch.tensor(float("nan")))
+                updates.append(ClientUpdate(cid, payload, int(num), float(loss), float(start)))
         return updates
 
     def close_round(self, updates: list[ClientUpdate]) -> dict[str, Any]:
@@ -257,6 +269,7 @@ class PrismServer:
         if self.test_data is not None and ((r + 1) % self.settings.frequency_of_the_test == 0 or last):
             acc, loss = evaluate(self.pm.dense_model(self.device), self.test_data, self.device)
         losses = [u.train_loss for u in accepted if u.train_loss == u.train_loss]
+        starts = [u.start_loss for u in accepted if u.start_loss == u.start_loss]
         now = time.time()
         return {
             "round": r + 1,
@@ -264,6 +277,8 @@ class PrismServer:
             "test_acc": acc,
             "test_loss": loss,
             "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+            "start_loss": sum(starts) / len(starts) if starts else float("nan"),
+            "dense_client_loss": self._dense_client_loss,
             "clients": len(report.accepted),
             "rejected": len(report.rejected),
             "coverage": report.coverage,
@@ -271,6 +286,7 @@ class PrismServer:
             "bytes_up": sum(payload_bytes(u.payload) for u in accepted),
             "round_s": now - self._round_start,
             "elapsed_s": now - self._run_start,
+            "layers": report.layers,
         }
 
     def _write_metrics(self) -> None:
@@ -278,7 +294,8 @@ class PrismServer:
         _atomic_write(os.path.join(out, "metrics.json"), json.dumps(self.metrics, indent=1))
         tmp = os.path.join(out, "metrics.csv.tmp")
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.metrics[0]))
+            # per-layer diagnostics are nested: metrics.json only
+            writer = csv.DictWriter(f, fieldnames=[k for k in self.metrics[0] if k != "layers"], extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.metrics)
         os.replace(tmp, os.path.join(out, "metrics.csv"))
@@ -342,27 +359,48 @@ class PrismClient:
             return s.learning_rate * 0.5 * (1 + math.cos(math.pi * round_idx / s.comm_round))
         return s.learning_rate
 
-    def train(self, payload: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int, float]:
-        """Train one ``down`` payload; returns the ``up`` payload, sample count and mean loss."""
+    def eval_batches(self, client_id: int) -> Iterable:
+        """The client's data in order, in training-size batches (static BN normalizes per batch):
+        what the loss diagnostics evaluate on."""
+        data = self.client_data[client_id]
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        if not isinstance(dataset, Dataset):
+            return data
+        return DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=False)
+
+    def diagnose_round(self, round_idx: int) -> bool:
+        """Whether round ``round_idx`` (0-based) records the loss diagnostics (evaluation rounds)."""
+        s = self.settings
+        return s.diagnostics and ((round_idx + 1) % s.frequency_of_the_test == 0 or round_idx + 1 == s.comm_round)
+
+    def train(self, payload: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int, float, float]:
+        """Train one ``down`` payload; returns the ``up`` payload, sample count, mean training loss
+        and (diagnostics rounds, else NaN) the received sub-model's loss on the data before training."""
         sub = SubModel.from_payload(payload, self.template, self.device)
         if sub.client_id not in self.client_data:
             raise ValueError(f"this process holds no data for client {sub.client_id}")
         s = self.settings
+        start = float("nan")
+        if self.diagnose_round(sub.round_idx):
+            start = evaluate(sub.module, self.eval_batches(sub.client_id), self.device)[1]
         stats = local_train(
             sub.module, self._batches(sub.client_id, sub.round_idx), epochs=s.epochs,
             lr=self.learning_rate(sub.round_idx),
             momentum=s.momentum, weight_decay=s.weight_decay, reg_lambda=self.config.reg_lambda,
             clip_norm=s.clip_grad_norm or None, device=self.device,
+            momentum_buffers=sub.momentum if self.config.optimizer_state == "aggregate" else None,
         )
-        return sub.to_payload("up"), stats.samples, stats.loss
+        sub.momentum = stats.momentum
+        return sub.to_payload("up"), stats.samples, stats.loss, start
 
     def train_bundle(self, bundle: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
         """Train every client in a bundle, one after the other; returns the upload bundle."""
         out = {}
         for cid, payload in unpack_bundle(bundle).items():
-            up, num, loss = self.train(payload)
+            up, num, loss, start = self.train(payload)
             up[NUM_SAMPLES] = torch.tensor(num)
             up[TRAIN_LOSS] = torch.tensor(loss)
+            up[START_LOSS] = torch.tensor(start)
             out[cid] = up
         return pack_bundle(out)
 

@@ -24,6 +24,7 @@ from .costs import layer_costs
 from .models import create_model
 from .runner import Job, load_data
 from .server import PrismClient, PrismServer
+from .train import evaluate
 
 log = logging.getLogger("fedml_prism")
 
@@ -37,7 +38,7 @@ def run_sp(job: Job, resume: bool = False, progress: bool = True) -> PrismServer
         torch.set_num_threads(int(job.flat["torch_threads"]))
     device = torch.device(job.flat.get("device", "cpu") if job.flat.get("using_gpu") else "cpu")
     data = load_data(job)
-    model = create_model(job.model, **job.model_kwargs)
+    model = create_model(job.model, init=job.model_init, **job.model_kwargs)
     args = argparse.Namespace(**job.flat)
     fedml_data = data.fedml_dataset(job.settings.batch_size)
     server = PrismServer(model, job.prism, job.settings, fedml_data[3], device)
@@ -48,6 +49,10 @@ def run_sp(job: Job, resume: bool = False, progress: bool = True) -> PrismServer
     trainer = PrismClientTrainer(model, args, client)
     while not server.finished:
         bundles = aggregator.get_model_params()
+        if client.diagnose_round(server.round_idx):
+            dense = server.pm.dense_model(device)
+            losses = [evaluate(dense, client.eval_batches(c), device)[1] for c in server.selected]
+            server.record_dense_client_loss(sum(losses) / len(losses))
         uploads = []
         desc = f"{job.prism.strategy} round {server.round_idx + 1}/{job.settings.comm_round}"
         for worker, bundle in tqdm(bundles.items(), desc=desc, leave=False, disable=not progress, unit="client"):

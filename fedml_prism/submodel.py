@@ -5,7 +5,9 @@ The wire payload is a flat ``dict[str, Tensor]``: the module's ``state_dict`` en
 - ``prism::meta``: float64 ``[strategy code, client id, round, keep ratio]``;
 - ``prism::index::<layer>``: kept principal components of a factorized layer (int64, ascending);
 - ``prism::rows::<module>`` / ``prism::cols::<module>``: kept output / input channels of a module cut
-  by a channel baseline.
+  by a channel baseline;
+- ``prism::momentum::<parameter>``: with ``optimizer_state: aggregate``, the SGD momentum buffer of
+  each trainable parameter (same shape as the parameter), down and up.
 
 Any transport that can carry tensors can carry a sub-model; :meth:`SubModel.from_payload` rebuilds the
 module on the client from the payload and a dense template of the architecture (no full-size
@@ -29,6 +31,7 @@ META = "prism::meta"
 INDEX = "prism::index::"
 ROWS = "prism::rows::"
 COLS = "prism::cols::"
+MOMENTUM = "prism::momentum::"
 RESERVED = "prism::"
 
 
@@ -103,6 +106,7 @@ class SubModel:
     components: dict[str, Tensor] = field(default_factory=dict)
     rows: dict[str, Tensor] = field(default_factory=dict)
     cols: dict[str, Tensor] = field(default_factory=dict)
+    momentum: dict[str, Tensor] = field(default_factory=dict)
 
     def index_entries(self) -> dict[str, Tensor]:
         """The selection as payload entries (``prism::index::…``, ``prism::rows::…``, …)."""
@@ -123,6 +127,7 @@ class SubModel:
                 continue
             payload[key] = value.detach().to("cpu")
         payload.update(self.index_entries())
+        payload.update({MOMENTUM + k: v.detach().to("cpu") for k, v in self.momentum.items()})
         payload[META] = torch.tensor(
             [STRATEGIES.index(self.strategy), self.client_id, self.round_idx, self.keep_ratio],
             dtype=torch.float64,
@@ -141,6 +146,7 @@ class SubModel:
         components = {k[len(INDEX):]: v for k, v in payload.items() if k.startswith(INDEX)}
         rows = {k[len(ROWS):]: v for k, v in payload.items() if k.startswith(ROWS)}
         cols = {k[len(COLS):]: v for k, v in payload.items() if k.startswith(COLS)}
+        momentum = {k[len(MOMENTUM):]: v.to(device) for k, v in payload.items() if k.startswith(MOMENTUM)}
         cut = {
             name: (len(rows[name]) if name in rows else None, len(cols[name]) if name in cols else None)
             for name in set(rows) | set(cols)
@@ -150,7 +156,7 @@ class SubModel:
         module = build_module(skeleton, state, {n: len(i) for n, i in components.items()}, cut, device)
         return cls(
             module, STRATEGIES[int(code)], int(client_id), int(round_idx), float(keep_ratio),
-            components, rows, cols,
+            components, rows, cols, momentum,
         )
 
 

@@ -4,8 +4,8 @@ on dense parameters, gradient clipping (reference code: norm 5). Plain PyTorch."
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,32 @@ class TrainStats:
     loss: float
     samples: int
     steps: int
+    #: final SGD momentum buffer of every trainable parameter (by ``named_parameters`` name)
+    momentum: dict[str, Tensor] = field(default_factory=dict)
+
+
+def load_momentum(opt: torch.optim.SGD, module: nn.Module, buffers: Mapping[str, Tensor]) -> None:
+    """Start ``opt`` from the given momentum buffers (by parameter name); SGD then continues them
+    (``buf ← μ·buf + grad``) instead of starting from the first gradient."""
+    params = dict(module.named_parameters())
+    unknown = sorted(set(buffers) - set(params))
+    if unknown:
+        raise ValueError(f"momentum buffers for unknown parameters {unknown[:5]}")
+    for name, buf in buffers.items():
+        p = params[name]
+        if buf.shape != p.shape:
+            raise ValueError(f"momentum buffer {name!r} has shape {tuple(buf.shape)}, parameter {tuple(p.shape)}")
+        opt.state[p]["momentum_buffer"] = buf.detach().to(device=p.device, dtype=p.dtype).clone()
+
+
+def read_momentum(opt: torch.optim.SGD, module: nn.Module) -> dict[str, Tensor]:
+    """Every trainable parameter's momentum buffer (zeros where SGD made no step)."""
+    out = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            out[name] = (buf if buf is not None else torch.zeros_like(p)).detach().cpu().clone()
+    return out
 
 
 def local_train(
@@ -62,10 +88,16 @@ def local_train(
     reg_lambda: float = 5e-4,
     clip_norm: float | None = 5.0,
     device: torch.device | str = "cpu",
+    momentum_buffers: Mapping[str, Tensor] | None = None,
 ) -> TrainStats:
-    """Train ``module`` in place for ``epochs`` passes over ``batches`` (cross-entropy)."""
+    """Train ``module`` in place for ``epochs`` passes over ``batches`` (cross-entropy).
+
+    ``momentum_buffers`` (by parameter name) start SGD's momentum where an earlier round left it;
+    the final buffers are returned in ``TrainStats.momentum`` when given."""
     module.to(device).train()
     opt = make_optimizer(module, lr, momentum, weight_decay)
+    if momentum_buffers is not None:
+        load_momentum(opt, module, momentum_buffers)
     total, samples, elements, steps = 0.0, 0, 0, 0
     for _ in range(epochs):
         for x, y in batches:
@@ -80,7 +112,8 @@ def local_train(
             elements += y.numel()
             samples += len(y)
             steps += 1
-    return TrainStats(total / elements if elements else math.nan, samples, steps)
+    buffers = read_momentum(opt, module) if momentum_buffers is not None else {}
+    return TrainStats(total / elements if elements else math.nan, samples, steps, buffers)
 
 
 @torch.no_grad()
