@@ -82,7 +82,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "data_path": args.data_path,
     }
-    rows = run_bench(args.profile, args.out or f"outputs/bench_{args.profile}", overrides)
+    rows = run_bench(args.profile, args.out or f"outputs/bench_{args.profile}", overrides, match=args.match)
     from .bench import aggregate_rows, markdown_table
 
     print(markdown_table(aggregate_rows(rows)))
@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", default=None, help="comma list of seeds")
     bench.add_argument("--rounds", type=int, default=None, help="override comm_round")
     bench.add_argument("--data-path", default=None, help="dataset folder or archive (overrides the profile's)")
+    bench.add_argument("--match", choices=("params", "none"), default=None,
+                       help="params: run every non-full strategy at the keep ratio whose client sub-model has as "
+                            "many parameters as prism's at each keep ratio (equal budgets); none: nominal keep "
+                            "ratios (default: the profile's setting)")
     bench.set_defaults(func=cmd_bench)
 
     rank = sub.add_parser("rank", help="principal kernels needed per layer of a checkpoint (paper appendix B)")

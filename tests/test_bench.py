@@ -26,7 +26,11 @@ def test_bench_smoke_profile_writes_results_table_and_plots(tmp_path, capsys) ->
     by = {(r["strategy"], r["keep_ratio"]): r for r in results["runs"]}
     assert by[("prism", 0.2)]["client_params"] < by[("prism", 0.5)]["client_params"] < by[("full", 1.0)]["client_params"]
     assert "| iid | prism | 0.2 |" in (out / "results.md").read_text() and "| iid | prism | 0.2 |" in table
-    for png in ("accuracy_vs_round_iid.png", "accuracy_vs_keep_ratio.png"):
+    for r in results["runs"]:
+        assert r["actual_keep"] == r["keep_ratio"] and r["budget"] == pytest.approx(r["client_params"] / r["dense_params"])
+        assert (out / r["run_dir"] / "metrics.json").is_file()
+    assert "| iid | full | 1 | 1 | 100.0 |" in table and "## Diagnostics" in (out / "results.md").read_text()
+    for png in ("accuracy_vs_round_iid.png", "accuracy_vs_keep_ratio.png", "diagnostics_iid.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # a re-run resumes every finished run from its checkpoint instead of training again
     assert main(["bench", "--profile", "smoke", "--out", str(out), "--strategies", "prism", "--keep-ratios", "0.2"]) == 0

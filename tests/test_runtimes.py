@@ -43,7 +43,9 @@ def test_sp_simulation(tmp_path) -> None:
 def test_mpi_cross_silo_and_equivalence_with_sp(tmp_path) -> None:
     mpiexec = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
     assert mpiexec, "mpiexec missing: install the mpich wheel (pip install mpich)"
-    common = {"train_args": {"client_num_in_total": 12, "client_num_per_round": 6, "comm_round": 2}}
+    # aggregated momentum crosses processes in the bundles: MPI must still equal sp
+    common = {"train_args": {"client_num_in_total": 12, "client_num_per_round": 6, "comm_round": 2},
+              "prism_args": {"optimizer_state": "aggregate", "factor_scale": "sqrt"}}
     sp_cfg = write_config(tmp_path / "sp.yaml", **common)
     mpi_cfg = write_config(
         tmp_path / "mpi.yaml", **common,
@@ -62,7 +64,9 @@ def test_mpi_cross_silo_and_equivalence_with_sp(tmp_path) -> None:
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path) -> None:
-    cfg = write_config(tmp_path / "sp.yaml", train_args={"comm_round": 6})
+    # the momentum buffers are part of the checkpoint: the resumed run must still match exactly
+    cfg = write_config(tmp_path / "sp.yaml", train_args={"comm_round": 6},
+                       prism_args={"optimizer_state": "aggregate", "warmup_rounds": 2})
     run(fedml_prism(cfg, tmp_path / "full"), tmp_path, "full.log", timeout=180)
     proc = start(fedml_prism(cfg, tmp_path / "cut"), tmp_path, "cut.log")
     try:
