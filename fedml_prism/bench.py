@@ -27,8 +27,11 @@ Profiles:
   of cosine lr from 0.05, iid and Dirichlet α = 0.1. Every strategy at keep 0.2 and the main ones at
   0.5, baselines at PriSM's client parameter budget (``match: params``), the authors' training
   details on (``factor_scale: sqrt``, aggregated momentum, 2 top-k warm-up rounds, κ = 2.5), and
-  ablations that turn each detail off (κ = 4 for the authors' non-iid choice). Diagnostics on.
-- ``paper``: the paper's ResNet-18 / CIFAR-10 setting (appendix A) for a GPU.
+  ablations on Dirichlet 0.1 that turn each detail off (κ = 4 for the authors' non-iid choice; the
+  authors' kaiming fan-out init and overlapping client pools, each next to full FedAvg with the same
+  change). Diagnostics on.
+- ``paper``: the paper's ResNet-18 / CIFAR-10 setting (appendix A) for a GPU, with the authors'
+  training details and equal-budget baselines.
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "prism_args": {"kappa": 2.5, "factor_scale": "sqrt", "optimizer_state": "aggregate", "warmup_rounds": 2},
         },
         "strategies": ["full", "prism", "orthdrop", "origdrop", "uniform", "rolex",
-                       "prism-reset", "prism-frozen", "prism-nowarmup", "prism-kappa4"],
+                       "prism-reset", "prism-frozen", "prism-nowarmup", "prism-kappa4",
+                       "prism-kaiming", "full-kaiming", "prism-overlap", "full-overlap"],
         "variants": {
             "uniform": {"keep_ratios": [0.2]},
             "rolex": {"keep_ratios": [0.2]},
@@ -119,6 +123,16 @@ PROFILES: dict[str, dict[str, Any]] = {
                                "partitions": ["dirichlet0.1"]},
             "prism-kappa4": {"prism_args": {"strategy": "prism", "kappa": 4.0}, "keep_ratios": [0.2],
                              "partitions": ["dirichlet0.1"]},
+            "prism-kaiming": {"prism_args": {"strategy": "prism"}, "keep_ratios": [0.2],
+                              "partitions": ["dirichlet0.1"],
+                              "sections": {"model_args": {"model_init": "kaiming_fan_out"}}},
+            "full-kaiming": {"prism_args": {"strategy": "full"}, "keep_ratios": [0.2], "partitions": ["dirichlet0.1"],
+                             "sections": {"model_args": {"model_init": "kaiming_fan_out"}}},
+            "prism-overlap": {"prism_args": {"strategy": "prism"}, "keep_ratios": [0.2],
+                              "partitions": ["dirichlet0.1"],
+                              "sections": {"data_args": {"partition_disjoint": False}}},
+            "full-overlap": {"prism_args": {"strategy": "full"}, "keep_ratios": [0.2], "partitions": ["dirichlet0.1"],
+                             "sections": {"data_args": {"partition_disjoint": False}}},
         },
         "keep_ratios": [0.2, 0.5],
         "partitions": [("iid", None), ("dirichlet", 0.1)],
@@ -134,12 +148,14 @@ PROFILES: dict[str, dict[str, Any]] = {
                            "batch_size": 32, "learning_rate": 0.1, "weight_decay": 5e-4, "lr_schedule": "cosine",
                            "augment": "flip_crop"},
             "device_args": {"using_gpu": True, "device": "cuda"},
-            "prism_args": {"kappa": 2.5},
+            "validation_args": {"frequency_of_the_test": 10},
+            "prism_args": {"kappa": 2.5, "factor_scale": "sqrt", "optimizer_state": "aggregate", "warmup_rounds": 20},
         },
         "strategies": ["full", "prism", "orthdrop", "origdrop", "rolex", "uniform"],
         "keep_ratios": [0.2],
         "partitions": [("dirichlet", 0.1), ("iid", None)],
         "seeds": [0],
+        "match": "params",
     },
 }
 
@@ -293,19 +309,21 @@ def plan_runs(
     for method, alpha in overrides.get("partitions") or profile["partitions"]:
         for keep in keeps:
             for strategy in overrides.get("strategies") or profile["strategies"]:
-                if strategy == "full" and keep != keeps[0]:
-                    continue  # full FedAvg does not depend on the keep ratio
                 variant = profile.get("variants", {}).get(strategy, {})
+                base = variant.get("prism_args", {}).get("strategy", strategy)
+                if base == "full" and keep != keeps[0]:
+                    continue  # full FedAvg does not depend on the keep ratio
                 if keep not in variant.get("keep_ratios", [keep]) or (
                     _partition_name(method, alpha) not in variant.get("partitions", [_partition_name(method, alpha)])
                 ):
                     continue
-                base = variant.get("prism_args", {}).get("strategy", strategy)
                 for seed in overrides.get("seeds") or profile["seeds"]:
                     sections = copy.deepcopy(_COMMON) | copy.deepcopy(profile["sections"])
                     sections["data_args"]["partition_method"] = method
                     if alpha is not None:
                         sections["data_args"]["partition_alpha"] = alpha
+                    for name, values in variant.get("sections", {}).items():
+                        sections.setdefault(name, {}).update(copy.deepcopy(values))
                     sections["prism_args"].update(variant.get("prism_args", {}))
                     sections["prism_args"].update({"strategy": base, "keep_ratio": keep, "seed": seed})
                     if overrides.get("rounds"):
@@ -318,8 +336,8 @@ def plan_runs(
                         if (base, keep) not in matched:
                             matched[(base, keep)] = matched_keep(base, keep, job_from_sections(sections, bench_yaml))
                         real = sections["prism_args"]["keep_ratio"] = matched[(base, keep)]
-                    key = {"partition": _partition_name(method, alpha), "keep_ratio": keep if strategy != "full" else 1.0,
-                           "actual_keep": real if strategy != "full" else 1.0, "strategy": strategy, "seed": seed}
+                    key = {"partition": _partition_name(method, alpha), "keep_ratio": keep if base != "full" else 1.0,
+                           "actual_keep": real if base != "full" else 1.0, "strategy": strategy, "seed": seed}
                     # full keeps its historical folder name (nominal first keep): it does not use the ratio
                     out = os.path.join(base_dir, "runs", f"{key['partition']}_{strategy}_k{real:g}_s{seed}")
                     runs.append((key, job_from_sections(sections, bench_yaml, out)))

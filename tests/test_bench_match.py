@@ -227,3 +227,30 @@ def test_diagnostics_without_principal_metrics(tmp_path: Path) -> None:
     assert (out / "diagnostics_iid.png").stat().st_size > 0
     with pytest.raises(ValueError, match="results.json"):
         diagnostics_table(str(tmp_path / "nowhere"))
+
+
+def test_variants_override_prism_args_and_sections_where_listed(tmp_path: Path) -> None:
+    profile = dict(
+        PROFILES["smoke"],
+        strategies=["full", "prism", "prism-reset", "full-kaiming", "rolex"],
+        keep_ratios=[0.2, 0.5],
+        partitions=[("iid", None), ("dirichlet", 0.5)],
+        variants={
+            "prism-reset": {"prism_args": {"strategy": "prism", "optimizer_state": "reset", "kappa": 4.0},
+                            "keep_ratios": [0.2], "partitions": ["dirichlet0.5"]},
+            "full-kaiming": {"prism_args": {"strategy": "full"}, "keep_ratios": [0.2],
+                             "sections": {"model_args": {"model_init": "kaiming_fan_out"}}},
+            "rolex": {"keep_ratios": [0.5]},
+        },
+    )
+    profile["sections"] = dict(profile["sections"], prism_args={"kappa": 2.5, "optimizer_state": "aggregate"})
+    runs = {(k["partition"], k["strategy"], k["keep_ratio"]): job for k, job in plan_runs(profile, str(tmp_path), {})}
+    reset = runs[("dirichlet0.5", "prism-reset", 0.2)]
+    assert (reset.prism.strategy, reset.prism.optimizer_state, reset.prism.kappa) == ("prism", "reset", 4.0)
+    assert ("iid", "prism-reset", 0.2) not in runs and ("dirichlet0.5", "prism-reset", 0.5) not in runs
+    plain = runs[("dirichlet0.5", "prism", 0.2)]
+    assert (plain.prism.optimizer_state, plain.prism.kappa, plain.model_init) == ("aggregate", 2.5, "default")
+    kaiming = runs[("iid", "full-kaiming", 1.0)]
+    assert kaiming.prism.strategy == "full" and kaiming.model_init == "kaiming_fan_out"
+    assert kaiming.settings.output_dir != runs[("iid", "full", 1.0)].settings.output_dir
+    assert {k for k in runs if k[1] == "rolex"} == {("iid", "rolex", 0.5), ("dirichlet0.5", "rolex", 0.5)}
