@@ -500,37 +500,41 @@ def _diagnostic_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def diagnostics_table(results_dir: str) -> str:
-    """Markdown table of the principal strategies' diagnostics, per partition × strategy (× keep):
-    final-round layer-averaged energy kept, coverage, effective rank / rank, relative update of the
-    trained and untrained components, and the last evaluated start / train / dense-client losses
-    (first seed; read from each run's ``metrics.json``)."""
+    """Markdown table of the principal strategies' diagnostics (every run with per-layer rows, first
+    seed): layer means, averaged over the rounds, of the energy share the
+    sub-models carried, coverage, effective rank / rank (last round), and the mean relative change
+    per component per round of the top-k components and of the others; then the mean over the
+    diagnosed rounds of the sub-models' loss before training, their training loss, and the dense
+    model's loss on the same client data (read from each run's ``metrics.json``)."""
     path = os.path.join(results_dir, "results.json")
     if not os.path.isfile(path):
         raise ValueError(f"results folder {results_dir!r} has no results.json")
     with open(path) as f:
         results = json.load(f).get("runs", [])
     seed = results[0]["seed"] if results else None
-    lines = ["| partition | strategy | keep | energy kept | coverage | eff. rank / rank | Δ trained | Δ untrained | "
-             "start loss | train loss | dense client loss |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| partition | strategy | keep | energy kept | coverage | eff. rank / rank | Δ top-k / round | "
+             "Δ others / round | start loss | train loss | dense client loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     body = []
     for r in sorted(results, key=lambda r: (r["partition"], r["keep_ratio"], r["strategy"])):
-        if r["strategy"] not in PRINCIPAL_STRATEGIES or r["seed"] != seed:
+        if r["seed"] != seed:
             continue
-        metrics = _read_metrics(_run_dir(results_dir, r))
-        if not metrics:
-            continue
+        metrics = _read_metrics(_run_dir(results_dir, r)) or []
         with_layers = [m for m in metrics if m.get("layers")]
-        last = with_layers[-1] if with_layers else {}
-        coverage = _layer_mean(last, "coverage") if last else _num(metrics[-1].get("coverage"))
+        if not with_layers:
+            continue
+        sampled = with_layers
+        diagnosed = [m for m in metrics if math.isfinite(_num(m.get("start_loss")))]
 
-        def last_finite(field: str, metrics: list[dict[str, Any]] = metrics) -> float:
-            return next((v for v in (_num(m.get(field)) for m in reversed(metrics)) if math.isfinite(v)), math.nan)
+        def over(rows: list[dict[str, Any]], fn: Any) -> float:
+            return _fmean(fn(m) for m in rows)
 
-        cells = [_layer_mean(last, "energy_kept"), coverage, _rank_ratio(last), _layer_mean(last, "delta_trained"),
-                 _layer_mean(last, "delta_untrained")]
-        losses = [last_finite("start_loss"), last_finite("train_loss"), last_finite("dense_client_loss")]
+        cells = [over(sampled, lambda m: _layer_mean(m, "energy_kept")), over(sampled, lambda m: _layer_mean(m, "coverage")),
+                 _rank_ratio(with_layers[-1]), over(sampled, lambda m: _layer_mean(m, "delta_top")),
+                 over(sampled, lambda m: _layer_mean(m, "delta_rest"))]
+        losses = [over(diagnosed, lambda m, k=k: _num(m.get(k))) for k in ("start_loss", "train_loss", "dense_client_loss")]
         body.append(f"| {r['partition']} | {r['strategy']} | {r['keep_ratio']:g} | "
-                    + " | ".join(_fmt(v, 3) for v in cells) + " | " + " | ".join(_fmt(v, 4) for v in losses) + " |")
+                    + " | ".join(_fmt(v, 3) for v in cells) + " | " + " | ".join(_fmt(v, 3) for v in losses) + " |")
     if not body:
         return "No per-round diagnostics: no principal-strategy run has a metrics.json."
     return "\n".join(lines + body)
@@ -550,9 +554,11 @@ def write_results(
         json.dump({"profile": profile, "elapsed_s": elapsed, "runs": results, "summary": rows}, f, indent=1)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(f"# fedml-prism bench, profile `{profile}`\n\n{markdown_table(rows)}\n\n"
-                f"Total wall time: {elapsed / 60:.1f} min.\n\n## Diagnostics\n\n"
-                "Principal strategies, first seed: layer means at the last round with diagnostics; losses at "
-                f"the last round that measured them.\n\n{diagnostics_table(out_dir)}\n")
+                f"Total wall time: {elapsed / 60:.1f} min (this invocation); the runs' own wall times sum to "
+                f"{sum(_num(r.get('wall_s')) for r in results) / 60:.1f} min.\n\n## Diagnostics\n\n"
+                "Runs with factorized layers, first seed; layer means averaged over the rounds "
+                "(effective rank: last round); losses averaged over the diagnosed rounds.\n\n"
+                f"{diagnostics_table(out_dir)}\n")
     if plots:
         plot_accuracy(out_dir, results)
         plot_diagnostics(out_dir, results)
@@ -640,17 +646,18 @@ def _draw(ax: Any, rounds: list[int], values: list[float], style: str, color: st
 
 
 def plot_diagnostics(out_dir: str, results: list[dict[str, Any]]) -> list[str]:
-    """``diagnostics_<partition>.png`` per partition (first seed, first keep ratio), 2×2 panels over
-    rounds: energy kept and effective rank / rank (layer means), coverage, and the train (solid),
-    start (dashed) and dense-client (dotted) losses. Returns the written paths."""
+    """``diagnostics_<partition>.png`` per partition (first seed, first keep ratio, plain strategies),
+    2×3 panels over rounds: energy kept and effective rank / rank (layer means), coverage, the train
+    (solid), start (dashed) and dense-client (dotted) losses, and the relative change per component
+    of the top-k components and of the others. Returns the written paths."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     written = []
-    runs = _diagnostic_runs(results)
+    runs = [r for r in _diagnostic_runs(results) if r["strategy"] in STRATEGIES]  # variants: see the table
     for partition in sorted({r["partition"] for r in runs}):
-        fig, axes = plt.subplots(2, 2, sharex=True, figsize=(10, 7))
-        (energy_ax, cov_ax), (rank_ax, loss_ax) = axes
+        fig, axes = plt.subplots(2, 3, sharex=True, figsize=(14, 7))
+        (energy_ax, cov_ax, top_ax), (rank_ax, loss_ax, rest_ax) = axes
         drawn = {id(ax): False for ax in axes.flat}
         for r in sorted((r for r in runs if r["partition"] == partition), key=lambda r: r["strategy"]):
             metrics = _read_metrics(_run_dir(out_dir, r))
@@ -661,7 +668,9 @@ def plot_diagnostics(out_dir: str, results: list[dict[str, Any]]) -> list[str]:
                       for j, m in enumerate(metrics, 1)]
             name = r["strategy"]
             series = [(energy_ax, [_layer_mean(m, "energy_kept") for m in metrics], "-", name),
-                      (rank_ax, [_rank_ratio(m) for m in metrics], "-", name)]
+                      (rank_ax, [_rank_ratio(m) for m in metrics], "-", name),
+                      (top_ax, [_layer_mean(m, "delta_top") for m in metrics], "-", name),
+                      (rest_ax, [_layer_mean(m, "delta_rest") for m in metrics], "-", name)]
             if name in PRINCIPAL_STRATEGIES or any(_num(m.get("coverage")) > 0 for m in metrics):
                 series.append((cov_ax, [_num(m.get("coverage")) for m in metrics], "-", name))
             for field, style in (("train_loss", "-"), ("start_loss", "--"), ("dense_client_loss", ":")):
@@ -674,6 +683,8 @@ def plot_diagnostics(out_dir: str, results: list[dict[str, Any]]) -> list[str]:
         cov_ax.set(ylabel="coverage", title="(b) coverage")
         rank_ax.set(xlabel="round", ylabel="effective rank / rank", title="(c) effective rank ratio")
         loss_ax.set(xlabel="round", ylabel="loss", title="(d) train — / start -- / dense client ··")
+        top_ax.set(ylabel="relative change", title="(e) Δ per component, top-k components")
+        rest_ax.set(xlabel="round", ylabel="relative change", title="(f) Δ per component, the others")
         for ax in axes.flat:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if drawn[id(ax)]:

@@ -157,7 +157,7 @@ def test_markdown_table_budget_and_gap_columns() -> None:
 
 def _layers(energy: float, rank: int = 8, untrained: float = NAN) -> dict[str, dict[str, float]]:
     return {name: {"energy_kept": energy, "coverage": 0.5, "effective_rank": rank / 2, "rank": rank,
-                   "delta_rel": 0.1, "delta_trained": 0.2, "delta_untrained": untrained} for name in ("conv2", "hidden")}
+                   "delta_rel": 0.1, "delta_top": 0.2, "delta_rest": untrained} for name in ("conv2", "hidden")}
 
 
 def _metrics(rounds: int, layers: bool, acc: float) -> list[dict[str, Any]]:
@@ -206,10 +206,11 @@ def test_plots_and_diagnostics_on_fabricated_metrics(tmp_path: Path) -> None:
     lines = {tuple(c.strip() for c in line.split("|")[1:4]): line for line in table.splitlines()[2:]}
     assert set(lines) == {("dirichlet0.1", "orthdrop", "0.2"), ("dirichlet0.1", "prism", "0.2"),
                           ("iid", "orthdrop", "0.2"), ("iid", "prism", "0.2"), ("iid", "uniform", "0.2")}
-    # final round 4: energy 0.5, coverage 0.5, rank ratio 0.5, Δ trained 0.2, Δ untrained NaN (blank);
-    # last evaluated losses: start 2.5 / 4, train 2 / 4, dense client 1.5 / 3 (round 4 is NaN)
+    # rounds 2-4 carry layers: energy (0.7 + 0.6 + 0.5) / 3, coverage 0.5, rank ratio (round 4) 0.5,
+    # Δ top-k 0.2, Δ others (0.02 + 0.03) / 2 (round 4 is NaN); the diagnosed rounds 2 and 4 (finite
+    # start loss): start (2.5/2 + 2.5/4) / 2, train (2/2 + 2/4) / 2, dense client 1.5/2 (round 4 NaN)
     assert lines[("iid", "prism", "0.2")] == (
-        "| iid | prism | 0.2 | 0.500 | 0.500 | 0.500 | 0.200 |  | 0.6250 | 0.5000 | 0.5000 |")
+        "| iid | prism | 0.2 | 0.600 | 0.500 | 0.500 | 0.200 | 0.025 | 0.938 | 0.750 | 0.750 |")
     md = (out / "results.md").read_text()
     assert "## Diagnostics" in md and lines[("iid", "prism", "0.2")] in md
     assert "| iid | prism | 0.2 | 0.2 | 24.0 | 70.50 ± 0.71 | -10.00 |" in md
