@@ -30,6 +30,8 @@ Profiles:
   ablations on Dirichlet 0.1 that turn each detail off (κ = 4 for the authors' non-iid choice; the
   authors' kaiming fan-out init and overlapping client pools, each next to full FedAvg with the same
   change). Diagnostics on.
+- ``fidelity_long``: the fidelity setting at 100 rounds on Dirichlet 0.1 for full, PriSM (κ = 2.5 and
+  4) and OrthDrop at keep 0.2: does the gap close with a longer schedule? (~20 min)
 - ``paper``: the paper's ResNet-18 / CIFAR-10 setting (appendix A) for a GPU, with the authors'
   training details and equal-budget baselines.
 """
@@ -139,6 +141,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         "seeds": [0],
         "match": "params",
     },
+    "fidelity_long": {
+        "sections": {},  # the fidelity profile's settings (filled in below) at 100 rounds
+        "strategies": ["full", "prism", "orthdrop", "prism-kappa4"],
+        "variants": {"prism-kappa4": {"prism_args": {"strategy": "prism", "kappa": 4.0}}},
+        "keep_ratios": [0.2],
+        "partitions": [("dirichlet", 0.1)],
+        "seeds": [0],
+        "match": "params",
+    },
     "paper": {
         "sections": {
             "data_args": {"dataset": "cifar10", "data_path": "../shared/data/cifar10/cifar-10-batches-py.tar.xz",
@@ -158,6 +169,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "match": "params",
     },
 }
+
+
+PROFILES["fidelity_long"]["sections"] = copy.deepcopy(PROFILES["fidelity"]["sections"])
+PROFILES["fidelity_long"]["sections"]["train_args"]["comm_round"] = 100
+PROFILES["fidelity_long"]["sections"]["validation_args"]["frequency_of_the_test"] = 10
 
 
 def _partition_name(method: str, alpha: float | None) -> str:

@@ -86,8 +86,10 @@ class PrismConfig:
     static_bn: bool = True
     svd_dtype: str = "float32"
     refresh: bool = True
-    factor_scale: str = "frozen"
-    optimizer_state: str = "reset"
+    # defaults measured on the fidelity profile (README, Fidelity): aggregated momentum and √σ factors
+    # help PriSM, a top-k warm-up did not
+    factor_scale: str = "sqrt"
+    optimizer_state: str = "aggregate"
     warmup_rounds: int = 0
 
     def __post_init__(self) -> None:

@@ -115,6 +115,8 @@ def submodel_costs(pm: PrincipalModel, sub: SubModel, input_shape: tuple[int, ..
         sub_kind, sub_params, sub_macs = small.get(name, (kind, 0, 0))
         layers.append(LayerCost(name, sub_kind, sub_params, sub_macs, params, macs))
     dense_bytes = sum(t.numel() * t.element_size() for t in dense_model.state_dict().values())
+    if pm.momentum:  # optimizer_state: aggregate — full FedAvg would send its momentum buffers too
+        dense_bytes += sum(p.numel() * p.element_size() for p in dense_model.parameters())
     return CostReport(
         strategy=sub.strategy,
         keep_ratio=sub.keep_ratio,

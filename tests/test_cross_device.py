@@ -34,6 +34,7 @@ def _config(tmp: Path, mqtt_port: int, s3_port: int, round_timeout_s: float = 60
         train_args={"client_id_list": [11, 12, 13], "client_num_in_total": 3, "client_num_per_round": 3,
                     "comm_round": 2, **train},
         tracking_args={"output_dir": str(tmp / "out"), "round_timeout_s": round_timeout_s, "start_timeout_s": 60},
+        prism_args={"optimizer_state": "reset"},
         comm_args={
             "backend": "MQTT_S3_MNN",
             "customized_training_mqtt_config": {"BROKER_HOST": "127.0.0.1", "BROKER_PORT": mqtt_port,
