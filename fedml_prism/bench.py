@@ -391,6 +391,8 @@ def run_bench(
         server = run_sp(job, resume=True, progress=False)
         row = dict(key)
         row.update(summarize(server, input_shape))
+        row["strategy"] = key["strategy"]  # a variant's name, not its base strategy
+        row["base_strategy"] = server.config.strategy
         row["keep_ratio"] = key["keep_ratio"]
         row["actual_keep"] = key["actual_keep"]
         row["dense_params"] = sum(p.numel() for p in server.pm.dense_model().parameters())
@@ -451,6 +453,7 @@ def aggregate_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "partition": partition, "keep_ratio": keep, "strategy": strategy, "seeds": len(rows),
             "actual_keep": rows[0].get("actual_keep", keep),
             "final_acc": stat("final_acc"), "best_acc": stat("best_acc"),
+            "last3_acc": _last3([r.get("curve") or [] for r in rows]),
             "client_params": rows[0]["client_params"], "client_macs": rows[0]["client_macs"],
             "dense_macs": rows[0]["dense_macs"], "budget": statistics.fmean(budgets) if budgets else None,
             "bytes_per_round": statistics.fmean(r["bytes_per_round"] for r in rows),
@@ -463,11 +466,22 @@ def aggregate_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _last3(curves: list[list[Any]]) -> float:
+    """Mean over seeds of each run's last three evaluated accuracies (non-iid accuracy swings by
+    several points between evaluations; this is the steadier number)."""
+    means = []
+    for curve in curves:
+        finite = [v for v in map(_num, curve) if math.isfinite(v)]
+        if finite:
+            means.append(statistics.fmean(finite[-3:]))
+    return statistics.fmean(means) if means else math.nan
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The results table: one line per aggregated row, sorted by partition, keep and strategy."""
     lines = ["| partition | strategy | keep | actual keep | budget (% of dense params) | final acc (%) | "
-             "gap to full (pts) | best acc (%) | client params | client MACs | MB / round | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "gap to full (pts) | last 3 evals (%) | best acc (%) | client params | client MACs | MB / round | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["partition"], r["keep_ratio"], r["strategy"])):
         (fm, fs), (bm, bs) = r["final_acc"], r["best_acc"]
         budget = "100.0" if r["strategy"] == "full" else (
@@ -475,7 +489,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         gap = f"{100 * r['gap_to_full']:+.2f}" if r.get("gap_to_full") is not None else ""
         lines.append(
             f"| {r['partition']} | {r['strategy']} | {r['keep_ratio']:g} | {r.get('actual_keep', r['keep_ratio']):.4g} | "
-            f"{budget} | {100 * fm:.2f} ± {100 * fs:.2f} | {gap} | {100 * bm:.2f} ± {100 * bs:.2f} | "
+            f"{budget} | {100 * fm:.2f} ± {100 * fs:.2f} | {gap} | {_fmt(100 * _num(r.get('last3_acc')), 2)} | "
+            f"{100 * bm:.2f} ± {100 * bs:.2f} | "
             f"{r['client_params']:,} | {r['client_macs']:,} | {r['bytes_per_round'] / 1e6:.2f} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -608,11 +623,18 @@ def plot_accuracy(out_dir: str, results: list[dict[str, Any]]) -> list[str]:
     from matplotlib.ticker import MaxNLocator
 
     written = []
-    for partition in sorted({r["partition"] for r in results}):
+    figures = [("accuracy_vs_round", lambda r: r["strategy"] in STRATEGIES)]
+    if any(r["strategy"] not in STRATEGIES for r in results):  # variants: with prism and full at their keep
+        variant_keeps = {r["keep_ratio"] for r in results if r["strategy"] not in STRATEGIES}
+        figures.append(("ablations", lambda r: r["strategy"] not in STRATEGIES or r["strategy"] == "full"
+                        or (r["strategy"] == "prism" and r["keep_ratio"] in variant_keeps)))
+    for (stem, keep_row), partition in [(f, p) for f in figures for p in sorted({r["partition"] for r in results})]:
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for r in results:
-            if r["partition"] == partition:
+            if r["partition"] == partition and keep_row(r):
                 groups.setdefault((r["strategy"], r["keep_ratio"]), []).append(r)
+        if stem == "ablations" and not any(s not in STRATEGIES for s, _ in groups):
+            continue
         full = next((rows for (s, _), rows in groups.items() if s == "full"), None)
         full_curve = _mean_curve([r["curve"] for r in full]) if full else None
         fig, (ax, gap_ax) = plt.subplots(2, 1, sharex=True, figsize=(7, 7), gridspec_kw={"height_ratios": [3, 2]})
@@ -621,12 +643,13 @@ def plot_accuracy(out_dir: str, results: list[dict[str, Any]]) -> list[str]:
             budget = f"{100 * statistics.fmean(budgets):.1f} %" if budgets else "?"
             label = f"{strategy} (keep {rows[0].get('actual_keep', keep):.3g}, budget {budget})"
             curve = _mean_curve([r["curve"] for r in rows])
-            ax.plot(*_finite_points(curve), marker=".", color=f"C{i % 10}", label=label)
+            styles = {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[i // 10 % 3]}
+            ax.plot(*_finite_points(curve), marker=".", label=label, **styles)
             if full_curve is not None and strategy != "full":
                 gap = [100 * (a - full_curve[j]) if j < len(full_curve) else math.nan for j, a in enumerate(curve)]
-                gap_ax.plot(*_finite_points(gap), marker=".", color=f"C{i % 10}", label=label)
+                gap_ax.plot(*_finite_points(gap), marker=".", label=label, **styles)
         seeds = len({r["seed"] for r in results if r["partition"] == partition})
-        ax.set(ylabel="test accuracy", title=f"accuracy vs round, {partition}"
+        ax.set(ylabel="test accuracy", title=f"{stem.replace('_', ' ')}, {partition}"
                + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
         ax.legend(fontsize=7)
         gap_ax.axhline(0.0, color="gray", linewidth=0.8)
@@ -635,7 +658,7 @@ def plot_accuracy(out_dir: str, results: list[dict[str, Any]]) -> list[str]:
         if full_curve is None:
             gap_ax.text(0.5, 0.5, "no full run", ha="center", va="center", transform=gap_ax.transAxes)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"accuracy_vs_round_{partition}.png")
+        path = os.path.join(out_dir, f"{stem}_{partition}.png")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)

@@ -191,7 +191,13 @@ def test_plots_and_diagnostics_on_fabricated_metrics(tmp_path: Path) -> None:
                                     curve=[m["test_acc"] for m in metrics], **extra))
         # the prism run at a second keep ratio is not in the diagnostics plot (first keep only)
         results.append(_run(partition, "prism", 0.5, 0, 0.75, 500))
+    # a variant (ablation) of prism on iid only: its own row, and an ablations plot next to prism and full
+    results.append(_run("iid", "prism-reset", 0.2, 0, 0.5, 240, curve=[0.2, NAN, 0.3, 0.4, 0.5]))
     write_results(str(out), "fake", results, 12.0)
+    assert (out / "ablations_iid.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "ablations_dirichlet0.1.png").exists()
+    variant = next(r for r in aggregate_rows(results) if r["strategy"] == "prism-reset")
+    assert variant["last3_acc"] == pytest.approx(0.4) and variant["gap_to_full"] == pytest.approx(-0.305)
     for partition in ("iid", "dirichlet0.1"):
         for png in (f"accuracy_vs_round_{partition}.png", f"diagnostics_{partition}.png"):
             data = (out / png).read_bytes()
