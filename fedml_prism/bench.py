@@ -114,7 +114,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         "strategies": ["full", "prism", "orthdrop", "origdrop", "uniform", "rolex",
                        "prism-reset", "prism-frozen", "prism-nowarmup", "prism-kappa4",
-                       "prism-kaiming", "full-kaiming", "prism-overlap", "full-overlap"],
+                       "prism-kaiming", "full-kaiming", "prism-overlap", "full-overlap", "prism-defaults"],
         "variants": {
             "uniform": {"keep_ratios": [0.2]},
             "rolex": {"keep_ratios": [0.2]},
@@ -136,6 +136,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                               "sections": {"data_args": {"partition_disjoint": False}}},
             "full-overlap": {"prism_args": {"strategy": "full"}, "keep_ratios": [0.2], "partitions": ["dirichlet0.1"],
                              "sections": {"data_args": {"partition_disjoint": False}}},
+            # the package defaults chosen from the ablations above, measured together
+            "prism-defaults": {"prism_args": {"strategy": "prism", "warmup_rounds": 0, "kappa": 4.0}, "keep_ratios": [0.2]},
         },
         "keep_ratios": [0.2, 0.5],
         "partitions": [("iid", None), ("dirichlet", 0.1)],
