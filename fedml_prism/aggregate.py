@@ -145,21 +145,25 @@ def momentum_view(c: Contribution) -> Contribution:
     return Contribution(payload, c.weight, c.components, c.rows, c.cols)
 
 
-def unscale_sqrt(agg: Factors, old: Factors) -> Factors:
+def unscale_sqrt(agg: Factors, old: Factors, trained: Tensor) -> Factors:
     """Back from the ``factor_scale: sqrt`` form: ``agg`` holds ``(ũ, 1, ṽ)`` with ``ũ = u√σ``; the
-    result has unit factors and ``σ_i = ‖ũ_i‖‖ṽ_i‖`` (the same product ``ũ_i ṽ_iᵀ``). Components whose
-    factors did not change (nobody trained them) are copied from ``old`` bit for bit."""
+    result has unit factors and ``σ_i = ‖ũ_i‖‖ṽ_i‖`` (the same product ``ũ_i ṽ_iᵀ``). Components not
+    in the boolean mask ``trained`` (nobody trained them) are copied from ``old`` bit for bit."""
     u, v = agg.u.to(torch.float64), agg.v.flatten(1).to(torch.float64)
     nu, nv = u.norm(dim=0), v.norm(dim=1)
     ok = (nu > 0) & (nv > 0)
     sigma = torch.where(ok, nu * nv, torch.zeros_like(nu))
     u = torch.where(ok, u / nu.clamp_min(1e-300), u)
     v = torch.where(ok[:, None], v / nv.clamp_min(1e-300)[:, None], v)
-    root = old.sigma.clamp_min(0).sqrt()
-    same = ((agg.u == old.u * root).all(0)) & (agg.v.flatten(1) == old.v.flatten(1) * root[:, None]).all(1)
-    out_u = torch.where(same, old.u, u.to(old.u.dtype))
-    out_v = torch.where(same[:, None], old.v.flatten(1), v.to(old.v.dtype)).view_as(old.v)
-    return Factors(out_u, torch.where(same, old.sigma, sigma.to(old.sigma.dtype)), out_v)
+    out_u = torch.where(trained, u.to(old.u.dtype), old.u)
+    out_v = torch.where(trained[:, None], v.to(old.v.dtype), old.v.flatten(1)).view_as(old.v)
+    return Factors(out_u, torch.where(trained, sigma.to(old.sigma.dtype), old.sigma), out_v)
+
+
+def frobenius_inner(a: Factors, b: Factors) -> float:
+    """``⟨U_a diag(σ_a) V_aᵀ, U_b diag(σ_b) V_bᵀ⟩_F`` from r×r Gram matrices (no dense product)."""
+    su = (a.u * a.sigma).t().to(torch.float64) @ (b.u * b.sigma).to(torch.float64)
+    return float((su * (a.v.flatten(1).to(torch.float64) @ b.v.flatten(1).t().to(torch.float64))).sum())
 
 
 def component_change(old: Factors, new: Factors) -> Tensor:

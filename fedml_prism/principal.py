@@ -25,6 +25,7 @@ from .aggregate import (
     average_elements,
     check_update,
     component_change,
+    frobenius_inner,
     momentum_view,
     rotate_momentum,
     unscale_sqrt,
@@ -184,11 +185,10 @@ class PrincipalModel:
             else:
                 idx = sample_components(f.sigma, keep, self.config.kappa, g)
             components[name] = idx
-            u, v, sigma = f.u[:, idx], f.v[idx], f.sigma[idx]
+            kept = Factors(f.u[:, idx], f.sigma[idx], f.v[idx])
             if self.config.factor_scale == "sqrt":
-                root = sigma.clamp_min(0).sqrt()
-                u, v, sigma = u * root, v * root.view(-1, *[1] * (v.dim() - 1)), torch.ones_like(sigma)
-            state[name + ".u"], state[name + ".v"], state[name + ".sigma"] = u, v, sigma
+                kept = _sqrt_form(kept)
+            state[name + ".u"], state[name + ".v"], state[name + ".sigma"] = kept.u, kept.v, kept.sigma
         ranks = {n: len(i) for n, i in components.items()}
         module = build_module(self.skeleton, state, ranks, device=device)
         momentum = {}
@@ -281,9 +281,9 @@ class PrincipalModel:
         sqrt = self.config.factor_scale == "sqrt"
         work = {n: _sqrt_form(f) for n, f in old.items()} if sqrt else old
         factors = aggregate_components(work, contributions)
-        if sqrt:
-            factors = {n: unscale_sqrt(factors[n], old[n]) for n in factors}
         hits = {n: _hits(n, len(f.sigma), contributions) for n, f in old.items()}
+        if sqrt:
+            factors = {n: unscale_sqrt(factors[n], old[n], hits[n] > 0) for n in factors}
         report.coverage = sum(int((h > 0).sum()) for h in hits.values()) / max(1, sum(len(h) for h in hits.values()))
         change = {n: component_change(old[n], factors[n]) for n in old}
         momentum_factors = {}
@@ -397,8 +397,8 @@ def _layer_diagnostics(
     energy = old.sigma.to(torch.float64) ** 2
     total = float(energy.sum()) or 1.0
     shares = [float(energy[c.components[name]].sum()) / total for c in contributions if name in c.components]
-    before = old.dense()
-    delta = float((new.dense() - before).norm() / before.norm().clamp_min(1e-12))
+    before = frobenius_inner(old, old)
+    delta = max(frobenius_inner(new, new) - 2 * frobenius_inner(new, old) + before, 0.0) ** 0.5 / max(before, 1e-24) ** 0.5
     return {
         "rank": len(old.sigma),
         "energy_kept": sum(shares) / len(shares) if shares else 0.0,

@@ -255,3 +255,13 @@ def test_diagnostics_are_logged_per_round_and_layer(tmp_path) -> None:
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved[0]["layers"].keys() == row["layers"].keys()
     assert "layers" not in (tmp_path / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_frobenius_inner_equals_the_dense_inner_product() -> None:
+    from fedml_prism.aggregate import frobenius_inner
+    from fedml_prism.decompose import svd_factors
+
+    g = torch.Generator().manual_seed(3)
+    a = svd_factors(torch.randn(12, 5, 3, 3, generator=g))
+    b = Factors(a.u + 0.1 * torch.randn(a.u.shape, generator=g), a.sigma * 2, a.v + 0.1 * torch.randn(a.v.shape, generator=g))
+    assert frobenius_inner(a, b) == pytest.approx(float((a.dense().double() * b.dense().double()).sum()), rel=1e-5)
