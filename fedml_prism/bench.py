@@ -385,15 +385,15 @@ def run_bench(
     out_dir = os.path.abspath(out_dir)
     runs = plan_runs(PROFILES[profile_name], out_dir, overrides, match=match)
     # loads the data once before any training: missing dataset files fail here, and every run
-    # shares the dataset, so its input shape is known
-    input_shape = tuple(load_data(runs[0][1]).x_train.shape[1:])
+    # shares the dataset, so one real sample probes every run's costs in the data's dtype and shape
+    example = load_data(runs[0][1]).x_train[:1].clone()
     results = []
     started = last_plot = time.time()
     for i, (key, job) in enumerate(runs, 1):
         log.info("bench %d/%d: %s", i, len(runs), key)
         server = run_sp(job, resume=True, progress=False)
         row = dict(key)
-        row.update(summarize(server, input_shape))
+        row.update(summarize(server, example))
         row["strategy"] = key["strategy"]  # a variant's name, not its base strategy
         row["base_strategy"] = server.config.strategy
         row["keep_ratio"] = key["keep_ratio"]

@@ -51,13 +51,20 @@ def _model_kwargs(items: Sequence[str]) -> dict[str, object]:
 
 def cmd_costs(args: argparse.Namespace) -> int:
     from .config import PrismConfig
-    from .costs import format_costs, submodel_costs
+    from .costs import INPUT_DTYPES, format_costs, probe_input, submodel_costs
+    from .decompose import little_saving_warning
     from .models import create_model
     from .principal import PrincipalModel
 
+    if args.input_dtype != "auto" and args.input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"--input-dtype {args.input_dtype!r} is invalid: allowed auto, {', '.join(INPUT_DTYPES)}")
     model = create_model(args.model, **_model_kwargs(args.model_arg))
+    # auto: token ids for a model that starts with an embedding, else the model's float dtype
+    example = probe_input(model, args.input_shape, INPUT_DTYPES.get(args.input_dtype))
     pm = PrincipalModel(model, PrismConfig(strategy=args.strategy, keep_ratio=args.keep_ratio, seed=args.seed))
-    report = submodel_costs(pm, pm.sample_submodel(client_id=0, round_idx=0), args.input_shape)
+    if warning := little_saving_warning(pm.skeleton, pm.config):
+        print(f"warning: {warning}", file=sys.stderr)
+    report = submodel_costs(pm, pm.sample_submodel(client_id=0, round_idx=0), example)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -170,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--model", required=True, help="built-in name (resnet18_cifar, cnn, …) or package.module:callable")
     costs.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="keyword for the model factory (JSON value)")
-    costs.add_argument("--input-shape", required=True, type=_shape, help="C,H,W of one input")
+    costs.add_argument("--input-shape", required=True, type=_shape,
+                       help="shape of one input: C,H,W for images, the sequence length for token models (e.g. 80)")
+    costs.add_argument("--input-dtype", default="auto",
+                       help="auto (int64 token ids when the model starts with an embedding, else the model's "
+                            "float dtype), float32, float64, float16, bfloat16, int64 or int32")
     costs.add_argument("--keep-ratio", type=_ratio, default=0.2)
     costs.add_argument("--strategy", choices=STRATEGIES, default="prism")
     costs.add_argument("--seed", type=int, default=0)
@@ -214,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--edge-id", type=int, default=None, help="the device's edge id (cross_device, --role device)")
     run.add_argument("--run_id", default="0")
     run.add_argument("--output-dir", default=None, help="where metrics and checkpoints go")
-    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the last checkpoint in the output dir (sp; cross-silo: the server, rank 0, "
+                          "resumes and fresh workers join it; an MPI job restarts whole)")
     run.add_argument("--check", action="store_true", help="validate the config, print the job, and exit")
     run.set_defaults(func=cmd_run)
     return parser

@@ -14,10 +14,14 @@ import logging
 import platform
 from typing import Any
 
-from fedml.core.distributed.communication.message import Message
-from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterManager
-from fedml.cross_silo.client.message_define import MyMessage
 from paho.mqtt import publish
+
+from ._fedml_import import silence_fedml_import_warnings
+
+silence_fedml_import_warnings()
+from fedml.core.distributed.communication.message import Message  # noqa: E402  (after the warnings filter)
+from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterManager  # noqa: E402
+from fedml.cross_silo.client.message_define import MyMessage  # noqa: E402
 
 log = logging.getLogger("fedml_prism")
 

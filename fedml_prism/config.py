@@ -24,6 +24,10 @@ FACTOR_SCALES = ("frozen", "sqrt")
 #: What happens to the clients' SGD momentum between rounds: ``reset`` (a fresh optimizer each round)
 #: or ``aggregate`` (the server aggregates the buffers like the weights and sends them back).
 OPTIMIZER_STATES = ("reset", "aggregate")
+#: Which layers become principal kernels (see :func:`fedml_prism.decompose.classify_layers`):
+#: ``default`` (every Conv2d / Linear / attention projection that saves, except the first layer on raw
+#: input, the classifier and residual shortcut convs) or ``paper`` (the paper's rule).
+RULES = ("default", "paper")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -55,9 +59,19 @@ class PrismConfig:
             on the factors).
         seed: root of every random choice (samplers and capacity draws).
         weighting: ``uniform`` (α = 1/C_i, the paper) or ``samples`` (weights ∝ client sample count).
+        rule: which layers become principal kernels. ``default``: every Conv2d (groups 1) and Linear
+            (subclasses with Linear's forward too, so attention projections; ``nn.MultiheadAttention``
+            is converted first) except the parts below. ``paper``: the paper's rule, Conv2d and plain
+            ``nn.Linear`` only, every 1×1 conv dense.
         factorize_include: module name patterns (fnmatch) or type names forced into principal form.
         factorize_exclude: module name patterns or type names kept dense (wins over include).
-        skip_first_conv / skip_1x1 / skip_classifier / skip_no_saving: the paper's default rule.
+        skip_first_conv: keep the first layer dense (``default``: every layer fed by the raw input;
+            ``paper``: the first Conv2d).
+        skip_1x1: ``default``: keep residual shortcut / downsample convs dense (the 1×1 convs the paper
+            meant); ``paper``: keep every 1×1 conv dense.
+        skip_classifier: keep the classifier (the last Linear) dense.
+        skip_no_saving: keep a layer dense when its principal form at the largest keep ratio would not
+            be smaller than the dense weight.
         static_bn: convert BatchNorm layers to ``track_running_stats=False``.
         svd_dtype: precision of the decompositions (``float32`` or ``float64``).
         refresh: re-decompose every factorized layer after each aggregation (orthogonal refresh).
@@ -77,6 +91,7 @@ class PrismConfig:
     reg_lambda: float = 5e-4
     seed: int = 0
     weighting: str = "uniform"
+    rule: str = "default"
     factorize_include: tuple[str, ...] = ()
     factorize_exclude: tuple[str, ...] = ()
     skip_first_conv: bool = True
@@ -121,6 +136,8 @@ class PrismConfig:
         for name in ("refresh", "static_bn", "skip_first_conv", "skip_1x1", "skip_classifier", "skip_no_saving"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "true or false")
+        if self.rule not in RULES:
+            _fail("rule", self.rule, f"one of {', '.join(RULES)}")
         if self.svd_dtype not in SVD_DTYPES:
             _fail("svd_dtype", self.svd_dtype, f"one of {', '.join(SVD_DTYPES)}")
         for name in ("factorize_include", "factorize_exclude"):

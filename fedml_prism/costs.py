@@ -3,11 +3,16 @@
 Parameters are counted from each module's tensors, multiply-accumulates (MACs) from a forward pass
 with hooks on every Conv2d / Linear / principal layer (the output shapes the pass really produced),
 and bytes from the wire payloads (``down`` = server → client, ``up`` = client → server).
+
+The forward pass needs an input the model accepts: a real sample (``x_train[:1]``, as ``run`` and
+``bench`` pass) has the dataset's dtype and shape; from a shape alone, :func:`probe_input` builds
+zeros of the dtype the model takes (token ids for a model that starts with an embedding).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -33,6 +38,7 @@ class CostReport:
     strategy: str
     keep_ratio: float
     input_shape: tuple[int, ...]
+    input_dtype: str
     params: int
     macs: int
     bytes_down: int
@@ -72,12 +78,64 @@ def _module_macs(module: nn.Module, out: torch.Tensor) -> int:
     return 0
 
 
-def layer_costs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[str, int, int]]:
+_TOKEN_INPUT = (nn.Embedding, nn.EmbeddingBag)
+
+# input dtypes by name (``str(dtype)`` without ``torch.``), for ``fedml-prism costs --input-dtype``
+INPUT_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32)
+}
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model`` takes: ``torch.long`` (token ids) when its first leaf module with
+    parameters is an ``nn.Embedding`` / ``nn.EmbeddingBag``, otherwise the dtype of its first
+    floating-point parameter (float32 if it has none). "First" is registration order, which is the
+    forward order of the built-in models; pass an explicit dtype (or a real sample) for a model where
+    it is not."""
+    for module in model.modules():
+        if next(module.children(), None) is not None or next(module.parameters(recurse=False), None) is None:
+            continue
+        if isinstance(module, _TOKEN_INPUT):
+            return torch.long
+        break
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def probe_input(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A batch of one all-zero input of ``input_shape`` (one sample, no batch dimension) in ``dtype``
+    (default :func:`input_dtype`); zero is a valid token id for every embedding."""
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or any(d <= 0 for d in shape):
+        raise ValueError(f"input_shape={input_shape!r} is invalid: allowed one or more dimensions, each > 0")
+    return torch.zeros(1, *shape, dtype=dtype or input_dtype(model))
+
+
+def _example_batch(model: nn.Module, example: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """One sample from ``example`` (a batch: its first row is used; or a shape: :func:`probe_input`),
+    on the model's device; floating-point inputs take the model's floating dtype, ids keep theirs."""
+    if not isinstance(example, torch.Tensor):
+        example = probe_input(model, example)
+    if example.dim() == 0 or len(example) == 0:
+        raise ValueError(
+            f"example of shape {tuple(example.shape)} is invalid: allowed a batch of N ≥ 1 samples, e.g. x_train[:1]"
+        )
+    x = example[:1]
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None:
+        x = x.to(param.device, dtype=param.dtype if x.is_floating_point() else x.dtype)
+    return x
+
+
+def layer_costs(model: nn.Module, example: torch.Tensor | Sequence[int]) -> dict[str, tuple[str, int, int]]:
     """``{module name: (type, params, MACs per sample)}`` for every module that owns parameters or
-    computes a Conv2d / Linear / principal product."""
+    computes a Conv2d / Linear / principal product.
+
+    ``example`` is a batch of real inputs (its first sample is run: the dataset's dtype and shape) or
+    the shape of one sample (zeros of :func:`input_dtype` are run)."""
+    x = _example_batch(model, example)
     found: dict[str, tuple[str, int, int]] = {}
     hooks = []
-    param = next(model.parameters())
     for name, module in model.named_modules():
         own = sum(p.numel() for p in module.parameters(recurse=False))
         if own == 0 and not isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -93,7 +151,13 @@ def layer_costs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tup
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device))
+            model(x)
+    except (RuntimeError, IndexError) as err:
+        raise ValueError(
+            f"cost probe: {type(model).__name__} cannot run one input of shape {tuple(x.shape[1:])} and dtype "
+            f"{str(x.dtype).removeprefix('torch.')} ({str(err).splitlines()[0]}): give the input shape and dtype "
+            "the model takes"
+        ) from err
     finally:
         model.train(was_training)
         for h in hooks:
@@ -105,11 +169,13 @@ def _payload_bytes(payload: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in payload.values())
 
 
-def submodel_costs(pm: PrincipalModel, sub: SubModel, input_shape: tuple[int, ...]) -> CostReport:
-    """Costs of ``sub`` next to the dense model of ``pm`` for one input of ``input_shape``."""
+def submodel_costs(pm: PrincipalModel, sub: SubModel, example: torch.Tensor | Sequence[int]) -> CostReport:
+    """Costs of ``sub`` next to the dense model of ``pm`` for one input: the first sample of the batch
+    ``example``, or zeros of the shape ``example`` in the dense model's :func:`input_dtype`."""
     dense_model = pm.dense_model()
-    dense = layer_costs(dense_model, input_shape)
-    small = layer_costs(sub.module, input_shape)
+    x = _example_batch(dense_model, example)
+    dense = layer_costs(dense_model, x)
+    small = layer_costs(sub.module, x)
     layers = []
     for name, (kind, params, macs) in dense.items():
         sub_kind, sub_params, sub_macs = small.get(name, (kind, 0, 0))
@@ -120,7 +186,8 @@ def submodel_costs(pm: PrincipalModel, sub: SubModel, input_shape: tuple[int, ..
     return CostReport(
         strategy=sub.strategy,
         keep_ratio=sub.keep_ratio,
-        input_shape=tuple(input_shape),
+        input_shape=tuple(x.shape[1:]),
+        input_dtype=str(x.dtype).removeprefix("torch."),
         params=sum(p.numel() for p in sub.module.parameters()),
         macs=sum(c[2] for c in small.values()),
         bytes_down=_payload_bytes(sub.to_payload("down")),
@@ -136,7 +203,7 @@ def format_costs(report: CostReport) -> str:
     """A short human-readable table."""
     r = report.ratios
     lines = [
-        f"strategy={report.strategy} keep_ratio={report.keep_ratio} input={report.input_shape}",
+        f"strategy={report.strategy} keep_ratio={report.keep_ratio} input={report.input_shape} {report.input_dtype}",
         f"{'':12}{'sub-model':>14}{'dense':>14}{'ratio':>8}",
         f"{'params':12}{report.params:>14,}{report.dense_params:>14,}{r['params']:>8.1%}",
         f"{'MACs':12}{report.macs:>14,}{report.dense_macs:>14,}{r['macs']:>8.1%}",

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ._fedml_import import silence_fedml_import_warnings
 from .models import create_model
 from .principal import ClientUpdate
 from .runner import Job, load_data
@@ -102,6 +103,7 @@ def _fix_s3_upload(storage: Any) -> None:
 
 
 def _server_manager_class():
+    silence_fedml_import_warnings()
     from fedml.cross_device.server_mnn.fedml_server_manager import FedMLServerManager
     from fedml.cross_device.server_mnn.message_define import MyMessage
 
@@ -360,6 +362,7 @@ def _run_id_value(run_id: Any) -> Any:
 
 
 def fedml_args(job: Job, run_id: str) -> Any:
+    silence_fedml_import_warnings()
     from fedml.arguments import Arguments
 
     cmd = argparse.Namespace(yaml_config_file=job.path, rank=0, role="server", run_id=str(run_id), local_rank=0,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ._fedml_import import silence_fedml_import_warnings
 from .models import create_model
 from .runner import Job, load_data
 from .server import PrismClient, PrismServer, RunSettings
@@ -31,6 +32,7 @@ log = logging.getLogger("fedml_prism")
 
 def fedml_args(job: Job, rank: int, role: str, run_id: str) -> Any:
     """FedML's ``Arguments`` from the yaml, with ``--rank/--role/--run_id`` winning over it."""
+    silence_fedml_import_warnings()
     from fedml.arguments import Arguments
 
     cmd = argparse.Namespace(
@@ -60,6 +62,7 @@ def fedml_args(job: Job, rank: int, role: str, run_id: str) -> Any:
 def init_fedml(job: Job, args: Any) -> Any:
     """``fedml.init`` for one process of a job: offline, FedML's ``./logs`` under OUTPUT_DIR/fedml, quiet
     logging, the job's thread count and seed. Returns FedML's args."""
+    silence_fedml_import_warnings()
     import fedml
 
     workdir = os.path.join(job.settings.output_dir, "fedml")  # FedML writes ./logs: keep it out of the cwd
@@ -80,36 +83,78 @@ def _worker_dataset(job: Job, fedml_data: list) -> list:
             {w: 1 for w in workers}, {w: None for w in workers}, {w: None for w in workers}, fedml_data[7]]
 
 
-def run_cross_silo(job: Job, rank: int, role: str, run_id: str) -> int:
+def run_cross_silo(job: Job, rank: int, role: str, run_id: str, resume: bool = False) -> int:
+    """Run this process's party of a cross-silo job: the server on rank 0, a worker otherwise.
 
-    from .client_manager import run_client
-    from .fedml_glue import PrismClientTrainer, PrismServerAggregator
-
+    ``resume``: the server continues from ``checkpoint.pt`` in the output dir (written every
+    ``checkpoint_every`` rounds), before it makes any sub-model, and FedML's round counter starts at the
+    checkpoint's round. Workers hold no state but their data: after a server crash, start fresh ones
+    (an ``mpiexec`` job restarts as a whole; ``run/*.sh`` pass ``--resume`` to every party).
+    """
     args = init_fedml(job, fedml_args(job, rank, role, run_id))
     device = torch.device("cpu")
     data = load_data(job)
     fedml_data = data.fedml_dataset(job.settings.batch_size)
     model = create_model(job.model, init=job.model_init, **job.model_kwargs)
     dataset = _worker_dataset(job, fedml_data)
-    if args.rank == 0:
-        server = PrismServer(model, job.prism, job.settings, fedml_data[3], device)
-        aggregator = PrismServerAggregator(model, args, server, workers=job.worker_num)
-        log.info("cross-silo %s server: %d PriSM clients, %d per round, %d workers", job.backend,
-                 job.settings.client_num_in_total, job.settings.client_num_per_round, job.worker_num)
-        _run_server(args, device, dataset, aggregator, job.settings)
-        log.info("server finished after %d rounds", server.round_idx)
-    else:
-        client = PrismClient(model, job.prism, job.settings, fedml_data[5], device)
-        trainer = PrismClientTrainer(model, args, client)
-        _watchdog(trainer, idle_s=float(job.flat.get("client_idle_timeout_s", 2 * job.settings.round_timeout_s + 60)))
-        run_client(args, device, dataset, model, trainer)
-        log.info("worker %d finished", args.rank)
+    try:
+        if args.rank == 0:
+            _serve(job, args, model, device, fedml_data, dataset, resume)
+        else:
+            _work(job, args, model, device, fedml_data, dataset)
+    except Exception as err:
+        if job.backend == "MPI":
+            _abort_mpi_job(args.rank, err)
+        raise
     return 0
 
 
-def _run_server(args: Any, device: Any, dataset: list, aggregator: Any, settings: RunSettings) -> None:
+def _serve(job: Job, args: Any, model: torch.nn.Module, device: torch.device, fedml_data: list, dataset: list,
+           resume: bool) -> None:
+    """Rank 0: the PriSM server, from its checkpoint when ``resume`` (loaded before any bundle is made)."""
+    from .fedml_glue import PrismServerAggregator
+
+    server = PrismServer(model, job.prism, job.settings, fedml_data[3], device)
+    if resume and not server.load_checkpoint():
+        log.info("no checkpoint in %s: starting from round 1", job.settings.output_dir)
+    aggregator = PrismServerAggregator(model, args, server, workers=job.worker_num)
+    log.info("cross-silo %s server: %d PriSM clients, %d per round, %d workers, rounds %d..%d", job.backend,
+             job.settings.client_num_in_total, job.settings.client_num_per_round, job.worker_num,
+             server.round_idx + 1, job.settings.comm_round)
+    _run_server(args, device, dataset, aggregator, job.settings, start_round=server.round_idx)
+    log.info("server finished after %d rounds", server.round_idx)
+
+
+def _work(job: Job, args: Any, model: torch.nn.Module, device: torch.device, fedml_data: list, dataset: list) -> None:
+    """Ranks 1..K: a worker training the PriSM clients the server assigns it each round."""
+    from .client_manager import run_client
+    from .fedml_glue import PrismClientTrainer
+
+    client = PrismClient(model, job.prism, job.settings, fedml_data[5], device)
+    trainer = PrismClientTrainer(model, args, client)
+    done = threading.Event()
+    _watchdog(trainer, idle_s=float(job.flat.get("client_idle_timeout_s", 2 * job.settings.round_timeout_s + 60)),
+              server=_grpc_server_address(args), done=done)
+    run_client(args, device, dataset, model, trainer)
+    done.set()
+    log.info("worker %d finished", args.rank)
+
+
+def _abort_mpi_job(rank: int, err: Exception) -> None:
+    """One rank failed (e.g. a checkpoint written with other prism_args on ``--resume``): end the whole
+    ``mpiexec`` job, whose other ranks would otherwise wait for it forever."""
+    log.error("rank %d failed: %s: %s; aborting the MPI job", rank, type(err).__name__, err)
+    logging.shutdown()
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Abort(2)
+
+
+def _run_server(args: Any, device: Any, dataset: list, aggregator: Any, settings: RunSettings,
+                start_round: int = 0) -> None:
     """FedML's ``cross_silo/server/server_initializer.py:init_server`` with ``PrismServerManager``
-    (deadlines, dead workers) in place of ``FedMLServerManager``."""
+    (deadlines, dead workers, resume at ``start_round``) in place of ``FedMLServerManager``."""
+    silence_fedml_import_warnings()
     from fedml.cross_silo.server.fedml_aggregator import FedMLAggregator
 
     from .server_manager import PrismServerManager
@@ -120,21 +165,66 @@ def _run_server(args: Any, device: Any, dataset: list, aggregator: Any, settings
         aggregator,
     )
     manager = PrismServerManager(args, fedml_aggregator, args.comm, args.rank, args.worker_num, args.backend,
-                                 round_timeout_s=settings.round_timeout_s, start_timeout_s=settings.start_timeout_s)
+                                 round_timeout_s=settings.round_timeout_s, start_timeout_s=settings.start_timeout_s,
+                                 start_round=start_round)
     manager.run()
 
 
-def _watchdog(trainer: Any, idle_s: float) -> None:
-    """End this worker if the server is silent for ``idle_s`` (FedML's clients wait forever)."""
+def _watchdog(trainer: Any, idle_s: float, server: tuple[str, int] | None = None, done: threading.Event | None = None,
+              probe_s: float = 1.0, misses: int = 3) -> None:
+    """End this worker if the server is silent for ``idle_s`` (FedML's clients wait forever), or, over
+    gRPC (``server`` = its host and port), once the server has stopped listening for ``misses`` probes
+    ``probe_s`` apart: a crashed server is restarted with ``--resume`` and fresh workers, and a worker
+    left from the old run would hold its port and ignore the new server's first round (FedML's client
+    accepts one init message per process). Stops watching once ``done`` is set."""
     def watch() -> None:
-        while True:
-            time.sleep(min(5.0, idle_s / 4))
+        missed = 0
+        while done is None or not done.is_set():
+            time.sleep(min(probe_s if server else 5.0, idle_s / 4))
+            if done is not None and done.is_set():
+                return
             if time.time() - trainer.last_message_at > idle_s:
-                log.error("no message from the server for %.0f s: worker exits", idle_s)
-                logging.shutdown()
-                os._exit(3)
+                _exit_worker(f"no message from the server for {idle_s:.0f} s")
+            if server is not None:
+                missed = 0 if _listening(server) else missed + 1
+                if missed >= misses:
+                    _exit_worker(f"the server at {server[0]}:{server[1]} is gone; start a fresh worker for the "
+                                 "restarted server (fedml-prism run ... --role server --resume)")
 
     threading.Thread(target=watch, daemon=True, name="prism-watchdog").start()
+
+
+def _exit_worker(reason: str) -> None:
+    log.error("%s: worker exits", reason)
+    logging.shutdown()
+    os._exit(3)
+
+
+def _grpc_server_address(args: Any) -> tuple[str, int] | None:
+    """Where this gRPC worker sends to the server (rank 0's row of ``grpc_ipconfig_path``, its
+    ``ingress_ip`` first, as FedML's ``GRPCCommManager`` does); ``None`` for other backends."""
+    import csv
+
+    path = getattr(args, "grpc_ipconfig_path", None)
+    if args.backend != "GRPC" or not path or not os.path.isfile(path):
+        return None
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if int(row["eid"]) == 0:
+                host = row.get("ingress_ip") or row["grpc_server_ip"]
+                return ("127.0.0.1" if host == "0.0.0.0" else host), int(row["grpc_server_port"])
+    return None
+
+
+def _listening(address: tuple[str, int]) -> bool:
+    """Whether something accepts TCP connections at ``address`` (a refused or timed-out connect: no)."""
+    import socket
+
+    try:
+        socket.create_connection(address, timeout=2.0).close()
+    except OSError:
+        return False
+    return True
 
 
 def _offline_mlops() -> None:
@@ -146,6 +236,7 @@ def _offline_mlops() -> None:
     """
     import platform
 
+    silence_fedml_import_warnings()
     from fedml.core import mlops
 
     def fetch_config_offline(args: Any, version: str = "release") -> None:

@@ -148,6 +148,7 @@ def load_digits_data(
     seed: int = 0,
     test_fraction: float = 0.2,
     disjoint: bool = True,
+    samples_per_client: int | None = None,
 ) -> FederatedData:
     """scikit-learn's handwritten digits (real data, bundled with the package), 1×8×8, 10 classes."""
     from sklearn.datasets import load_digits
@@ -159,7 +160,7 @@ def load_digits_data(
     perm = np.random.default_rng(12345).permutation(len(y))  # fixed train/test split
     n_test = int(len(y) * test_fraction)
     test, train = perm[:n_test], perm[n_test:]
-    clients = partition(y[train].numpy(), num_clients, method, alpha, seed=seed, disjoint=disjoint)
+    clients = partition(y[train].numpy(), num_clients, method, alpha, samples_per_client, seed=seed, disjoint=disjoint)
     return FederatedData(x[train], y[train], x[test], y[test], clients, 10)
 
 
@@ -183,7 +184,9 @@ def load_federated(
 
     ``disjoint`` applies to ``dirichlet`` partitions (see :func:`partition`)."""
     if name in DATASETS:
-        return DATASETS[name](num_clients, method, alpha, seed, disjoint=disjoint)
+        if loader_kwargs:
+            raise ValueError(f"data_kwargs={loader_kwargs!r} is invalid for dataset={name!r}: it takes none")
+        return DATASETS[name](num_clients, method, alpha, seed, disjoint=disjoint, samples_per_client=samples_per_client)
     if name not in FILE_DATASETS:
         raise ValueError(f"dataset={name!r} is invalid: allowed {', '.join((*DATASETS, *FILE_DATASETS))}")
     if not data_path:

@@ -27,14 +27,15 @@ from .aggregate import (
     component_change,
     frobenius_inner,
     momentum_view,
-    rotate_momentum,
     unscale_sqrt,
 )
+from .attention import convert_attention, restore_attention
 from .channels import ChannelPlan, channel_plan
 from .config import PrismConfig
-from .decompose import Factors, factorizable_layers, svd_factors
+from .decompose import Factors, factorizable_layers
 from .layers import convert_static_bn
 from .rank import effective_kernels
+from .refresh import Refreshed, block_refresh, decompose_qr, dense_refresh
 from .sampling import (
     draw_capacity,
     first_channels,
@@ -104,6 +105,7 @@ class PrincipalModel:
         model = copy.deepcopy(model).cpu()
         if self.config.static_bn:
             model = convert_static_bn(model)
+        model = convert_attention(model)  # nn.MultiheadAttention's projections as factorizable Linear modules
         self.skeleton = meta_skeleton(model)
         self.layers: list[str] = []
         self.plan: ChannelPlan | None = None
@@ -117,8 +119,10 @@ class PrincipalModel:
             (k, v.detach().clone()) for k, v in state.items() if k not in weights
         )
         self.factors: dict[str, Factors] = {
-            name: svd_factors(state[name + ".weight"], self.config.svd_dtype, name) for name in self.layers
+            name: decompose_qr(state[name + ".weight"], self.config.svd_dtype, name) for name in self.layers
         }
+        #: layers whose factors are an exact SVD (orthonormal): the block refresh applies to them
+        self._exact: set[str] = set(self.layers)
         #: SGD momentum in the global model's coordinates (``optimizer_state: aggregate``): one buffer
         #: per trainable dense parameter, and ``<layer>.u`` / ``<layer>.v`` per factorized layer
         self.momentum: dict[str, Tensor] = {}
@@ -285,34 +289,52 @@ class PrincipalModel:
         if sqrt:
             factors = {n: unscale_sqrt(factors[n], old[n], hits[n] > 0) for n in factors}
         report.coverage = sum(int((h > 0).sum()) for h in hits.values()) / max(1, sum(len(h) for h in hits.values()))
-        change = {n: component_change(old[n], factors[n]) for n in old}
+        change = {n: _trained_change(old[n], factors[n], hits[n] > 0) for n in old}
         momentum_factors = {}
         if self.momentum:
             views = [momentum_view(c) for c in contributions]
             momentum_factors = aggregate_components(
                 {n: Factors(self.momentum[n + ".u"], old[n].sigma, self.momentum[n + ".v"]) for n in old}, views
             )
+        refreshed: dict[str, Refreshed] = {}
         if self.config.refresh:
-            factors = self._refresh(factors, report)
+            refreshed = self._refresh(old, factors, hits, report)
+            factors = {n: refreshed[n].factors if n in refreshed else f for n, f in factors.items()}
+        else:
+            self._exact -= {n for n, h in hits.items() if bool((h > 0).any())}
         for name, f in factors.items():
+            done = refreshed.get(name)
             if name in momentum_factors:
                 m = momentum_factors[name]
-                if self.config.refresh and name not in report.refresh_failed:
-                    m = rotate_momentum(m, old[name], f)
+                if done is not None:  # carry the buffers into the refreshed basis
+                    m = Factors((m.u.to(torch.float64) @ done.q_u).to(m.u.dtype), f.sigma,
+                                (done.q_v.t() @ m.v.flatten(1).to(torch.float64)).to(m.v.dtype).view_as(m.v))
                 self.momentum[name + ".u"], self.momentum[name + ".v"] = m.u, m.v
             report.layers[name] = _layer_diagnostics(old[name], f, hits[name], change[name], contributions, name,
-                                                     keep_count(self.config.max_keep_ratio, len(f.sigma)))
+                                                     keep_count(self.config.max_keep_ratio, len(f.sigma)), done)
         self.factors = factors
 
-    def _refresh(self, factors: dict[str, Factors], report: AggregateReport) -> dict[str, Factors]:
+    def _refresh(
+        self, old: dict[str, Factors], factors: dict[str, Factors], hits: dict[str, Tensor], report: AggregateReport
+    ) -> dict[str, Refreshed]:
+        """The orthogonal refresh of every layer (:mod:`fedml_prism.refresh`): in the block form where
+        the layer's previous factors are an exact SVD, else (or if the block form fails) by
+        decomposing the dense weight. A layer no form can decompose keeps its aggregated factors."""
         out = {}
         for name, f in factors.items():
+            if name in self._exact:
+                try:
+                    out[name] = block_refresh(old[name], f, hits[name] > 0, self.config.svd_dtype)
+                    continue
+                except (RuntimeError, torch.linalg.LinAlgError) as err:
+                    log.info("layer %r: block refresh not applicable (%s); decomposing the dense weight", name, err)
             try:
-                out[name] = svd_factors(f.dense(), self.config.svd_dtype, name)
+                out[name] = dense_refresh(old[name], f, self.config.svd_dtype, name)
+                self._exact.add(name)
             except ValueError as err:
                 log.warning("orthogonal refresh skipped for layer %r this round: %s", name, err)
                 report.refresh_failed.append(name)
-                out[name] = f
+                self._exact.discard(name)
         return out
 
     # ------------------------------------------------------------------ the dense model
@@ -328,13 +350,20 @@ class PrincipalModel:
         return build_module(self.skeleton, self.dense_state_dict(), device=device)
 
     def load_dense_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Replace the global model with dense weights (re-decomposes the factorized layers)."""
+        """Replace the global model with dense weights (re-decomposes the factorized layers). The keys
+        are this model's, or the user model's own (``nn.MultiheadAttention``'s ``in_proj_weight``)."""
         weights = {name + ".weight" for name in self.layers}
         missing = sorted((set(self.dense) | weights) - set(state))
+        if missing and any(k.endswith(("in_proj_weight", "q_proj_weight")) for k in state):
+            torch_form = restore_attention(self.dense_model())
+            torch_form.load_state_dict(state)
+            state = convert_attention(torch_form).state_dict()
+            missing = sorted((set(self.dense) | weights) - set(state))
         if missing:
             raise ValueError(f"dense state is missing keys {missing[:5]}")
         self.dense = OrderedDict((k, state[k].detach().cpu().clone()) for k in self.dense)
-        self.factors = {n: svd_factors(state[n + ".weight"].detach().cpu(), self.config.svd_dtype, n) for n in self.layers}
+        self.factors = {n: decompose_qr(state[n + ".weight"].detach().cpu(), self.config.svd_dtype, n) for n in self.layers}
+        self._exact = set(self.layers)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -345,6 +374,7 @@ class PrincipalModel:
             "dense": dict(self.dense),
             "factors": {n: {"u": f.u, "sigma": f.sigma, "v": f.v} for n, f in self.factors.items()},
             "momentum": dict(self.momentum),
+            "exact_svd": sorted(self._exact),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -358,6 +388,8 @@ class PrincipalModel:
         if set(momentum) != set(self.momentum):
             raise ValueError("checkpoint's momentum buffers do not match optimizer_state of this run")
         self.momentum = {k: v.clone() for k, v in momentum.items()}
+        # checkpoints before the block refresh do not say which layers are an exact SVD: assume none
+        self._exact = set(state.get("exact_svd", ())) & set(self.layers)
         self._sent.clear()
         self._open_round = None
 
@@ -387,18 +419,32 @@ def _hits(name: str, rank: int, contributions: list[Contribution]) -> Tensor:
     return hits
 
 
+def _trained_change(old: Factors, new: Factors, trained: Tensor) -> Tensor:
+    """:func:`component_change` on the trained components only (the others did not move: 0)."""
+    out = torch.zeros(len(old.sigma), dtype=torch.float64)
+    if bool(trained.any()):
+        pick = lambda f: Factors(f.u[:, trained], f.sigma[trained], f.v[trained])  # noqa: E731
+        out[trained] = component_change(pick(old), pick(new))
+    return out
+
+
 def _layer_diagnostics(
-    old: Factors, new: Factors, hits: Tensor, change: Tensor, contributions: list[Contribution], name: str, top: int
+    old: Factors, new: Factors, hits: Tensor, change: Tensor, contributions: list[Contribution], name: str, top: int,
+    refreshed: Refreshed | None = None,
 ) -> dict[str, float]:
     """One layer's round: the energy share ``Σσ²_kept / Σσ²`` the sub-models carried (mean over
     clients), the share of components trained, the effective rank after the round, the relative
     change of the layer, and the mean relative change per component for the top-``top`` components
-    and for the others (untrained components count 0)."""
+    and for the others (untrained components count 0). With a refresh, the change comes from its
+    projections (no product over the layer)."""
     energy = old.sigma.to(torch.float64) ** 2
     total = float(energy.sum()) or 1.0
     shares = [float(energy[c.components[name]].sum()) / total for c in contributions if name in c.components]
-    before = frobenius_inner(old, old)
-    delta = max(frobenius_inner(new, new) - 2 * frobenius_inner(new, old) + before, 0.0) ** 0.5 / max(before, 1e-24) ** 0.5
+    if refreshed is not None:
+        before, after, inner = refreshed.norm_old, float((new.sigma.to(torch.float64) ** 2).sum()), refreshed.inner_old
+    else:
+        before, after, inner = frobenius_inner(old, old), frobenius_inner(new, new), frobenius_inner(new, old)
+    delta = max(after - 2 * inner + before, 0.0) ** 0.5 / max(before, 1e-24) ** 0.5
     return {
         "rank": len(old.sigma),
         "energy_kept": sum(shares) / len(shares) if shares else 0.0,

@@ -23,6 +23,7 @@ import yaml
 
 from .config import STRATEGIES, PrismConfig
 from .data import PARTITIONS, FederatedData, load_federated
+from .decompose import little_saving_warning
 from .models import check_init_scheme, create_model
 from .server import RunSettings
 
@@ -152,6 +153,8 @@ def _setup_logging() -> None:
 def main(cli: argparse.Namespace) -> int:
     _setup_logging()
     job = build_job(cli.cf, cli.output_dir)
+    if warning := little_saving_warning(create_model(job.model, **job.model_kwargs), job.prism):
+        log.warning(warning)
     if getattr(cli, "role", None) == "device" and job.training_type != "cross_device":
         raise ValueError(f"--role device is only for training_type: cross_device, not {job.training_type}")
     if getattr(cli, "check", False):
@@ -175,4 +178,4 @@ def main(cli: argparse.Namespace) -> int:
         return run_server(job, run_id=cli.run_id)
     from .cross_silo import run_cross_silo
 
-    return run_cross_silo(job, rank=cli.rank, role=cli.role, run_id=cli.run_id)
+    return run_cross_silo(job, rank=cli.rank, role=cli.role, run_id=cli.run_id, resume=cli.resume)

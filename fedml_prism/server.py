@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .attention import convert_attention
 from .config import PrismConfig
 from .layers import convert_static_bn
 from .principal import AggregateReport, ClientUpdate, PrincipalModel
@@ -317,8 +318,12 @@ class PrismServer:
             return False
         state = torch.load(self.checkpoint_path, weights_only=True)
         saved = state["server"]["config"]
-        if saved != self.config.to_dict():
-            raise ValueError(f"checkpoint {self.checkpoint_path} was written with other prism_args: {saved}")
+        # a key the checkpoint lacks is an option added since it was written: the layer check of
+        # PrincipalModel.load_state_dict still refuses a checkpoint of another layer set
+        current = {k: v for k, v in self.config.to_dict().items() if k in saved}
+        if saved != current:
+            diff = sorted(k for k in saved if saved[k] != current.get(k))
+            raise ValueError(f"checkpoint {self.checkpoint_path} was written with other prism_args ({', '.join(diff)}): {saved}")
         self.pm.load_state_dict(state["server"])
         self.metrics = list(state["metrics"])
         log.info("resumed from %s after round %d", self.checkpoint_path, self.round_idx)
@@ -336,7 +341,7 @@ class PrismClient:
         client_data: Mapping[int, Dataset | DataLoader],
         device: torch.device | str = "cpu",
     ) -> None:
-        template = copy.deepcopy(model)
+        template = convert_attention(copy.deepcopy(model))  # as PrincipalModel prepares it
         self.template = meta_skeleton(convert_static_bn(template) if config.static_bn else template)
         self.config, self.settings = config, settings
         self.client_data, self.device = client_data, device

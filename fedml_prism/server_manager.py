@@ -10,7 +10,13 @@ protocol and classes, and adds:
 - a per-round deadline (``round_timeout_s``): workers that have not uploaded by then are left out of
   that round (a late upload of an old round is rejected by the aggregator's checks);
 - a start deadline (workers that never come online) and a finish deadline (dead workers never report
-  FINISHED).
+  FINISHED);
+- resume (``start_round``): a server restarted from its checkpoint after round k starts FedML's round
+  counter at k, so it plays rounds k+1..``comm_round``. Its workers are fresh processes whose FedML
+  round counters start at 0: after the last round they do not know the run is over, answer the
+  ``FINISHED`` bundle with an empty upload instead of reporting FINISHED, and wait. An upload that
+  arrives after the last round is therefore answered with FedML's FINISH message; the worker then
+  reports FINISHED and exits.
 """
 
 from __future__ import annotations
@@ -21,19 +27,25 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from fedml.core.distributed.communication.message import Message
-from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
-from fedml.cross_silo.server.message_define import MyMessage
-
+from ._fedml_import import silence_fedml_import_warnings
 from .server import Deadline
+
+silence_fedml_import_warnings()
+from fedml.core.distributed.communication.message import Message  # noqa: E402  (after the warnings filter)
+from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager  # noqa: E402
+from fedml.cross_silo.server.message_define import MyMessage  # noqa: E402
 
 log = logging.getLogger("fedml_prism")
 
 
 class PrismServerManager(FedMLServerManager):
     def __init__(self, args: Any, aggregator: Any, comm: Any = None, client_rank: int = 0, client_num: int = 0,
-                 backend: str = "MQTT_S3", round_timeout_s: float = 600.0, start_timeout_s: float = 300.0) -> None:
+                 backend: str = "MQTT_S3", round_timeout_s: float = 600.0, start_timeout_s: float = 300.0,
+                 start_round: int = 0) -> None:
         super().__init__(args, aggregator, comm, client_rank, client_num, backend)
+        if isinstance(start_round, bool) or not isinstance(start_round, int) or not 0 <= start_round <= self.round_num:
+            raise ValueError(f"start_round={start_round!r} is invalid: allowed an integer in [0, comm_round={self.round_num}]")
+        self.args.round_idx = start_round  # FedML's counter (set to 0 above): a resumed run goes on from its checkpoint
         self.round_timeout_s = round_timeout_s
         self.start_timeout_s = start_timeout_s
         self.dead: set[int] = set()
@@ -66,6 +78,9 @@ class PrismServerManager(FedMLServerManager):
 
     def handle_message_receive_model_from_client(self, msg_params: Any) -> None:
         with self._lock:
+            if self.args.round_idx >= self.round_num:
+                self._release(int(msg_params.get(MyMessage.MSG_ARG_KEY_SENDER)))
+                return
             before = self.args.round_idx
             super().handle_message_receive_model_from_client(msg_params)
             if self.args.round_idx != before:
@@ -114,6 +129,13 @@ class PrismServerManager(FedMLServerManager):
             self.send_init_msg()
 
     # ------------------------------------------------------------------ finishing
+    def _release(self, worker: int) -> None:
+        """An upload after the last round comes from a worker that joined a resumed run (its own FedML
+        round count is behind the server's): tell it to finish; it answers with FINISHED."""
+        log.info("worker %d uploaded after the last round (it joined a resumed run): telling it to finish", worker)
+        silo = self.client_real_ids.index(worker) if worker in self.client_real_ids else worker - 1
+        self.send_message_finish(worker, silo)
+
     def process_finished_status(self, client_status: Any, msg_params: Any) -> None:
         with self._lock:
             self.client_finished_mapping[str(msg_params.get_sender_id())] = True

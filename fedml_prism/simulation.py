@@ -69,13 +69,15 @@ def run_sp(job: Job, resume: bool = False, progress: bool = True) -> PrismServer
     return server
 
 
-def summarize(server: PrismServer, input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """Final/best accuracy and per-round client costs of a finished run."""
+def summarize(server: PrismServer, example: torch.Tensor) -> dict[str, Any]:
+    """Final/best accuracy and per-round client costs of a finished run; MACs are measured on the
+    first sample of ``example``, a batch of the run's real inputs (``x_train[:1]``), so every dataset
+    probes the model with its own dtype and shape (token ids for the LSTMs)."""
     accs = [m["test_acc"] for m in server.metrics if not math.isnan(m["test_acc"])]
     pm = server.pm
     sub = pm.sample_submodel(client_id=0, round_idx=server.round_idx, record=False)
-    sub_costs = layer_costs(sub.module, input_shape)
-    dense_costs = layer_costs(pm.dense_model(), input_shape)
+    sub_costs = layer_costs(sub.module, example)
+    dense_costs = layer_costs(pm.dense_model(), example)
     rounds = max(len(server.metrics), 1)
     return {
         "strategy": server.config.strategy,
@@ -108,7 +110,7 @@ def run_comparison(job: Job, resume: bool = False) -> list[dict[str, Any]]:
     strategies = [job.prism.strategy] + [s for s in job.compare if s != job.prism.strategy]
     base_dir = job.settings.output_dir
     rows = []
-    input_shape = tuple(load_data(job).x_train.shape[1:])
+    example = load_data(job).x_train[:1].clone()  # one real sample: probes the costs in the data's dtype and shape
     for strategy in strategies:
         sub_job = job
         if len(strategies) > 1:
@@ -116,7 +118,7 @@ def run_comparison(job: Job, resume: bool = False) -> list[dict[str, Any]]:
             settings = dataclasses.replace(job.settings, output_dir=os.path.join(base_dir, strategy))
             sub_job = dataclasses.replace(job, prism=prism, settings=settings)
         server = run_sp(sub_job, resume=resume)
-        rows.append(summarize(server, input_shape))
+        rows.append(summarize(server, example))
     table = format_table(rows)
     print(table)
     os.makedirs(base_dir, exist_ok=True)

@@ -1,5 +1,5 @@
-# Sourced by run/grpc.sh and run/mqtt_s3.sh: start a cross-silo server and its workers, each under
-# `timeout`; on exit stop exactly the processes started here (by PID), never by name.
+# Sourced by run/grpc.sh, run/mqtt_s3.sh and run/cross_device.sh: start a cross-silo server and its workers,
+# each under `timeout`; on exit stop exactly the processes started here (by PID), never by name.
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
@@ -11,14 +11,18 @@ background() {
   pids+=("$last_pid")
 }
 
-# launch_parties CONFIG WORKERS SERVER_HEAD_START_S: server (rank 0), then ranks 1..WORKERS; waits for the server
+# launch_parties CONFIG WORKERS SERVER_HEAD_START_S [ARGS...]: server (rank 0), then ranks 1..WORKERS, each
+# with ARGS (e.g. --resume, --output-dir DIR); waits for the server. If the server dies, the script exits
+# and the workers are stopped: rerun it with --resume to continue from the server's last checkpoint with
+# fresh workers (they hold no state but their data).
 launch_parties() {
   local config="$1" workers="$2" head_start="$3" run_id="prism-$$" server rank
-  background "$BIN/fedml-prism" run --cf "$config" --rank 0 --role server --run_id "$run_id"
+  shift 3
+  background "$BIN/fedml-prism" run --cf "$config" --rank 0 --role server --run_id "$run_id" "$@"
   server=$last_pid
   sleep "$head_start"
   for rank in $(seq 1 "$workers"); do
-    background "$BIN/fedml-prism" run --cf "$config" --rank "$rank" --role client --run_id "$run_id"
+    background "$BIN/fedml-prism" run --cf "$config" --rank "$rank" --role client --run_id "$run_id" "$@"
   done
   wait "$server"
 }

@@ -151,3 +151,31 @@ def start_grpc(cfg: Path, out: Path, tmp: Path, workers: int) -> tuple[subproces
     time.sleep(1.0)
     clients = [start([*cli, "--rank", str(r), "--role", "client"], tmp, f"client{r}.log") for r in range(1, workers + 1)]
     return server, clients
+
+
+def checkpoint_round(out_dir: Path) -> int:
+    """Rounds aggregated in ``out_dir/checkpoint.pt`` (0 when there is none yet)."""
+    path = out_dir / "checkpoint.pt"
+    if not path.exists():
+        return 0
+    return int(torch.load(path, weights_only=True)["server"]["rounds_done"])
+
+
+def checkpoint_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """The metrics rows saved in ``out_dir/checkpoint.pt`` (the rounds a resumed run starts after)."""
+    return list(torch.load(out_dir / "checkpoint.pt", weights_only=True)["metrics"])
+
+
+def start_grpc_parties(cfg: Path, out: Path, tmp: Path, workers: int, *extra: str,
+                       tag: str = "") -> tuple[subprocess.Popen, list[subprocess.Popen]]:
+    """:func:`start_grpc` with ``extra`` arguments for every party (e.g. ``--resume``) and logs
+    ``server{tag}.log`` / ``client{rank}{tag}.log``, so a restarted job keeps the first job's logs."""
+    cli = [str(BIN / "fedml-prism"), "run", "--cf", str(cfg), "--output-dir", str(out), "--run_id", "t", *extra]
+    server_log = tmp / f"server{tag}.log"
+    server = start([*cli, "--rank", "0", "--role", "server"], tmp, server_log.name)
+    wait_for(lambda: "cross-silo GRPC server" in server_log.read_text() or server.poll() is not None,
+             timeout=90, what="the gRPC server to start")
+    time.sleep(1.0)
+    clients = [start([*cli, "--rank", str(r), "--role", "client"], tmp, f"client{r}{tag}.log")
+               for r in range(1, workers + 1)]
+    return server, clients

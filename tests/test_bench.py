@@ -7,12 +7,26 @@ import json
 import pytest
 import torch
 
+from fedml_prism import server as server_module
 from fedml_prism.cli import main
 from fedml_prism.data import load_federated
 from fedml_prism.rank import effective_kernels
 
 
-def test_bench_smoke_profile_writes_results_table_and_plots(tmp_path, capsys) -> None:
+def _count_local_training(monkeypatch) -> list[int]:
+    """Count every local training run (one per client per round) in this process."""
+    calls: list[int] = []
+    real = server_module.local_train
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "local_train", counting)
+    return calls
+
+
+def test_bench_smoke_profile_writes_results_table_and_plots(tmp_path, capsys, monkeypatch) -> None:
     out = tmp_path / "bench"
     assert main(["bench", "--profile", "smoke", "--out", str(out)]) == 0
     table = capsys.readouterr().out
@@ -32,10 +46,28 @@ def test_bench_smoke_profile_writes_results_table_and_plots(tmp_path, capsys) ->
     assert "| iid | full | 1 | 1 | 100.0 |" in table and "## Diagnostics" in (out / "results.md").read_text()
     for png in ("accuracy_vs_round_iid.png", "accuracy_vs_keep_ratio.png", "diagnostics_iid.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    # a re-run resumes every finished run from its checkpoint instead of training again
+    calls = _count_local_training(monkeypatch)
+    # a re-run takes every finished run from its checkpoint: no client trains again
     assert main(["bench", "--profile", "smoke", "--out", str(out), "--strategies", "prism", "--keep-ratios", "0.2"]) == 0
     again = json.loads((out / "results.json").read_text())["runs"][0]
-    assert again["curve"] == by[("prism", 0.2)]["curve"]
+    assert again["curve"] == by[("prism", 0.2)]["curve"] and calls == []
+    # a half-done run continues from its checkpoint round: round 2 only (3 clients), same result
+    half = tmp_path / "half"
+    one = ["bench", "--profile", "smoke", "--out", str(half), "--strategies", "prism", "--keep-ratios", "0.5"]
+    assert main([*one, "--rounds", "1"]) == 0
+    assert len(calls) == 3
+    assert main(one) == 0
+    assert len(calls) == 6, "the resumed run trained more than its missing round"
+    resumed = json.loads((half / "results.json").read_text())["runs"][0]
+    assert resumed["curve"] == by[("prism", 0.5)]["curve"]
+    a = torch.load(out / by[("prism", 0.5)]["run_dir"] / "checkpoint.pt", weights_only=True)["server"]
+    b = torch.load(half / resumed["run_dir"] / "checkpoint.pt", weights_only=True)["server"]
+    assert a["rounds_done"] == b["rounds_done"] == 2
+    for key, value in a["dense"].items():
+        assert torch.equal(value, b["dense"][key]), key
+    assert a["factors"].keys() == b["factors"].keys() and a["factors"]
+    for name, f in a["factors"].items():
+        assert all(torch.equal(f[part], b["factors"][name][part]) for part in ("u", "sigma", "v")), name
 
 
 def test_rank_command_on_a_checkpoint(tmp_path, capsys) -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+from torch import nn
+
 from fedml_prism import PrincipalModel, PrismConfig
 from fedml_prism.cli import main
-from fedml_prism.costs import layer_costs, submodel_costs
-from fedml_prism.models import cnn
+from fedml_prism.costs import input_dtype, layer_costs, probe_input, submodel_costs
+from fedml_prism.models import char_lstm, cnn, lstm_imdb, resnet_tiny, vit_small
 
 
 def test_layer_costs_hand_computed() -> None:
@@ -46,3 +50,66 @@ def test_costs_cli_import_path_and_errors(capsys) -> None:
     assert "params" in capsys.readouterr().out
     assert main(["costs", "--model", "nosuch.module:f", "--input-shape", "1,28,28"]) == 2
     assert "cannot import 'nosuch.module'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("model", "dtype"),
+    [(char_lstm(hidden=8), torch.long), (lstm_imdb(hidden=8), torch.long),
+     (cnn(width=0.125), torch.float32), (vit_small(image_size=8, patch=4, dim=8, depth=1, heads=2), torch.float32),
+     (resnet_tiny(width=0.125).double(), torch.float64), (nn.Sequential(nn.Flatten(), nn.Embedding(5, 2)), torch.long)],
+)
+def test_input_dtype_follows_the_first_layer(model: nn.Module, dtype: torch.dtype) -> None:
+    assert input_dtype(model) == dtype
+    assert probe_input(model, (3, 8, 8)).dtype == dtype
+
+
+def test_token_model_costs_from_a_real_batch_match_the_shape_probe_and_hand_count() -> None:
+    torch.manual_seed(0)
+    steps, embed, hidden, classes = 7, 4, 6, 2
+    model = lstm_imdb(vocab_size=30, embed_dim=embed, hidden=hidden, num_classes=classes)
+    batch = torch.randint(1, 31, (5, steps), generator=torch.Generator().manual_seed(1))
+    costs = layer_costs(model, batch)
+    assert costs == layer_costs(model, (steps,))  # MACs depend on shapes only; one sample of the batch is run
+    assert costs["embedding"] == ("Embedding", 31 * embed, 0)
+    assert costs["lstm.0.ih"][2] == steps * 4 * hidden * embed
+    assert costs["lstm.1.hh"][2] == steps * 4 * hidden * hidden  # called once per time step
+    assert costs["fc"][2] == hidden * classes
+
+
+def test_submodel_costs_of_char_lstm_on_token_ids() -> None:
+    model = char_lstm(embed_dim=4, hidden=16)
+    pm = PrincipalModel(model, PrismConfig(keep_ratio=0.25))
+    x = torch.randint(0, 90, (3, 80), generator=torch.Generator().manual_seed(0))
+    report = submodel_costs(pm, pm.sample_submodel(0, 0), x)
+    assert report.input_shape == (80,) and report.input_dtype == "int64"
+    assert 0 < report.macs < report.dense_macs and 0 < report.params < report.dense_params
+    hh = next(lc for lc in report.layers if lc.name == "lstm.1.hh")
+    r = 4  # ceil(0.25 * 16)
+    assert hh.kind == "PrincipalLinear" and hh.macs == 80 * r * (16 + 64) and hh.dense_macs == 80 * 64 * 16
+
+
+@pytest.mark.parametrize(("model", "shape"), [("char_lstm", "80"), ("lstm_imdb", "200")])
+def test_costs_cli_token_models(model: str, shape: str, capsys) -> None:
+    args = ["costs", "--model", model, "--model-arg", "hidden=32", "--input-shape", shape, "--keep-ratio", "0.2"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input_shape"] == [int(shape)] and report["input_dtype"] == "int64"
+    # the LSTM's matrices are factorized (MACs shrink); lstm_imdb's 1001-row embedding stays dense
+    assert 0 < report["ratios"]["params"] < 1 and 0 < report["ratios"]["macs"] < 0.5
+    assert {lc["kind"] for lc in report["layers"] if ".ih" in lc["name"] or ".hh" in lc["name"]} == {"PrincipalLinear"}
+    assert main([*args, "--layers"]) == 0
+    text = capsys.readouterr().out
+    assert f"input=({shape},) int64" in text and "lstm.0.ih" in text
+
+
+def test_costs_cli_input_dtype_choice_and_errors(capsys) -> None:
+    base = ["costs", "--model", "lstm_imdb", "--model-arg", "hidden=8", "--input-shape", "12"]
+    assert main([*base, "--input-dtype", "int32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_dtype"] == "int32"
+    assert main([*base, "--input-dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "cost probe: LSTMClassifier cannot run one input of shape (12,) and dtype float32" in err
+    assert main([*base, "--input-dtype", "complex"]) == 2
+    assert "--input-dtype 'complex' is invalid: allowed auto, float32" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="example of shape"):
+        layer_costs(cnn(), torch.zeros(0, 1, 28, 28))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from runtime_utils import BIN, MODEL_KWARGS, final_state, free_ports, initial_state, metrics, start, stop, wait_for, write_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -138,3 +139,31 @@ def test_device_lost_mid_round_does_not_hang_the_server(tmp_path, how) -> None:
     assert rows[-1]["test_acc"] == rows[-1]["test_acc"]
     before, after = initial_state(seed=3), final_state(tmp_path / "out")
     assert any(not torch.allclose(before[k], after[k]) for k in before)
+
+
+def test_device_exits_after_client_idle_timeout_without_a_server(tmp_path) -> None:
+    """A device connected to the broker but never addressed by a server gives up after
+    ``client_idle_timeout_s`` with exit code 3 (instead of waiting forever), not before."""
+    mosquitto = _mosquitto()
+    mqtt_port, s3_port = free_ports(2)
+    cfg = _config(tmp_path, mqtt_port, s3_port)
+    sections = yaml.safe_load(cfg.read_text())
+    sections["tracking_args"]["client_idle_timeout_s"] = 3
+    cfg.write_text(yaml.safe_dump(sections))
+    broker = start([mosquitto, "-p", str(mqtt_port)], tmp_path, "mosquitto.log")
+    try:
+        time.sleep(0.5)
+        began = time.time()
+        device = start([str(BIN / "fedml-prism"), "run", "--cf", str(cfg), "--role", "device", "--edge-id", "12"],
+                       tmp_path, "device12.log")
+        try:
+            code = device.wait(timeout=90)
+        finally:
+            stop(device)
+        waited = time.time() - began
+    finally:
+        stop(broker)
+    log = (tmp_path / "device12.log").read_text()
+    assert code == 3, log[-3000:]
+    assert "device 12: no message from the server for 3 s: exiting" in log
+    assert waited >= 3

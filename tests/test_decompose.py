@@ -11,8 +11,9 @@ from fedml_prism.decompose import factorizable_layers, svd_factors
 from fedml_prism.models import resnet18_cifar
 
 
-def test_default_rule_on_resnet18_keeps_paper_layers_dense() -> None:
-    layers = factorizable_layers(resnet18_cifar(), PrismConfig())
+@pytest.mark.parametrize("rule", ["default", "paper"])
+def test_both_rules_on_resnet18_keep_paper_layers_dense(rule: str) -> None:
+    layers = factorizable_layers(resnet18_cifar(), PrismConfig(rule=rule))
     assert "conv1" not in layers  # first conv on raw image channels
     assert "linear" not in layers  # classifier
     assert not any("shortcut" in n for n in layers)  # 1x1 convs
@@ -32,13 +33,15 @@ def test_include_and_exclude_patterns() -> None:
 
 def test_layers_that_save_nothing_are_skipped() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 64), nn.Linear(64, 64), nn.Linear(64, 2))
-    cfg = PrismConfig(keep_ratio=0.2, skip_classifier=True)
+    # "0" is the first layer on raw input, which the default rule keeps dense: switched off here
+    cfg = PrismConfig(keep_ratio=0.2, skip_classifier=True, skip_first_conv=False)
     # keep 0.2: 8x8 keeps 2 components, 2*(8+8)=32 < 64 entries, so it is factorized;
     # keep 0.6: it keeps 5, 5*16=80 >= 64, so the principal form would save nothing.
     assert factorizable_layers(model, cfg) == ["0", "1", "2"]
-    assert "0" not in factorizable_layers(model, PrismConfig(keep_ratio=0.6))
-    assert factorizable_layers(model, PrismConfig(keep_ratio=1.0)) == []
-    assert factorizable_layers(model, PrismConfig(keep_ratio=1.0, skip_no_saving=False)) == ["0", "1", "2"]
+    assert "0" not in factorizable_layers(model, PrismConfig(keep_ratio=0.6, skip_first_conv=False))
+    assert factorizable_layers(model, PrismConfig(keep_ratio=1.0, skip_first_conv=False)) == []
+    everything = PrismConfig(keep_ratio=1.0, skip_no_saving=False, skip_first_conv=False)
+    assert factorizable_layers(model, everything) == ["0", "1", "2"]
 
 
 def test_svd_rejects_non_finite_weights() -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 from runtime_utils import (
     BIN,
     assert_prism_ran,
+    env_for,
     final_state,
     free_ports,
     grpc_config,
@@ -37,7 +40,6 @@ def test_sp_simulation(tmp_path) -> None:
     log = run(fedml_prism(cfg, tmp_path / "out"), tmp_path, "sp.log", timeout=180)
     assert "round 2/2 | acc" in log
     assert_prism_ran(tmp_path / "out", rounds=2, clients=4)
-    assert not (tmp_path / "logs").exists()
 
 
 def test_mpi_cross_silo_and_equivalence_with_sp(tmp_path) -> None:
@@ -88,6 +90,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path) -> None:
 
 def test_grpc_server_and_two_client_processes(tmp_path) -> None:
     cfg = grpc_config(tmp_path, workers=2, train_args={"client_num_per_round": 6})
+    made = set(os.listdir(tmp_path))
     server, clients = start_grpc(cfg, tmp_path / "out", tmp_path, workers=2)
     try:
         assert server.wait(timeout=150) == 0, (tmp_path / "server.log").read_text()[-3000:]
@@ -97,6 +100,35 @@ def test_grpc_server_and_two_client_processes(tmp_path) -> None:
         for p in [server, *clients]:
             stop(p)
     assert_prism_ran(tmp_path / "out", rounds=2, clients=6)
+    # fedml.init ran in all three processes (cwd tmp_path, HOME tmp_path): its working directory is
+    # OUTPUT_DIR/fedml, and it left nothing in the cwd but our logs and its ~/.fedml
+    assert (tmp_path / "out" / "fedml").is_dir()
+    left = set(os.listdir(tmp_path)) - made - {"out", "server.log", "client1.log", "client2.log", ".fedml"}
+    assert not left, f"FedML wrote {sorted(left)} into the working directory"
+
+
+def test_fedml_init_puts_fedml_logs_under_the_output_dir(tmp_path) -> None:
+    """``init_fedml`` (every cross-silo and cross-device process) runs FedML from OUTPUT_DIR/fedml, so
+    FedML's ``./logs`` land there when FedML writes them (its run logs are off in ``fedml-prism run``;
+    here they are switched on as FedML's default would), never in the caller's directory."""
+    cfg = grpc_config(tmp_path, workers=1, tracking_args={"output_dir": str(tmp_path / "out")})
+    code = (
+        "import os, sys\n"
+        "from fedml_prism.cross_silo import fedml_args, init_fedml\n"
+        "from fedml_prism.runner import build_job\n"
+        "job = build_job(sys.argv[1])\n"
+        "args = init_fedml(job, fedml_args(job, 0, 'server', 'logs1'))\n"
+        "from fedml.core.mlops.mlops_runtime_log import MLOpsRuntimeLog\n"
+        "MLOpsRuntimeLog.get_instance(args).init_logs()\n"
+        "import logging; logging.getLogger().warning('prism log check')\n"
+        "sys.__stdout__.write(os.getcwd() + '\\n')\n"
+    )
+    out = run([str(BIN / "python"), "-c", code, str(cfg)], tmp_path, "init.log", timeout=120)
+    workdir = tmp_path / "out" / "fedml"
+    assert str(workdir) in out
+    log_files = set(re.findall(r"(/\S+/fedml-run-\S+\.log):prism log check", out))
+    assert log_files == {str(workdir / "logs" / "fedml-run-logs1-edge-0.log")}, out[-2000:]
+    assert (workdir / "logs").is_dir() and not (tmp_path / "logs").exists()
 
 
 def test_grpc_worker_killed_mid_run_server_finishes(tmp_path) -> None:
@@ -149,15 +181,23 @@ def test_mqtt_s3_with_mosquitto_and_local_s3(tmp_path) -> None:
     assert_prism_ran(tmp_path / "out", rounds=2, clients=6)
 
 
-def test_octopus_packages_build_offline_and_carry_the_job(tmp_path) -> None:
+def test_octopus_packages_build_offline_and_run_the_job(tmp_path) -> None:
+    """``fedml build`` packages of a tiny gRPC job, unpacked and started as Octopus's agents start a
+    party (cwd the package's ``fedml/`` folder, ``python <entry_file> --cf <conf_file> --rank R
+    --role server|client``): the server and its worker run the job to the end."""
     import zipfile
 
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    run(["bash", str(root / "run" / "octopus" / "build.sh"), str(root / "config" / "mqtt_s3" / "fedml_config.yaml"),
-         str(tmp_path / "dist")], tmp_path, "build.log", timeout=120)
-    for role in ("server", "client"):
+    out = tmp_path / "out"
+    cfg = grpc_config(tmp_path, workers=1, train_args={"client_num_in_total": 4, "client_num_per_round": 2},
+                      comm_args={"grpc_ipconfig_path": str(tmp_path / "grpc_ipconfig.csv")},
+                      tracking_args={"output_dir": str(out)})
+    run(["bash", str(root / "run" / "octopus" / "build.sh"), str(cfg), str(tmp_path / "dist")], tmp_path, "build.log",
+        timeout=120)
+    commands = {}
+    for role, rank in (("server", 0), ("client", 1)):
         package = tmp_path / "dist" / role / "dist-packages" / f"{role}-package.zip"
         zipfile.ZipFile(package).extractall(tmp_path / role)
         base = tmp_path / role / f"{role}-package"
@@ -165,9 +205,27 @@ def test_octopus_packages_build_offline_and_carry_the_job(tmp_path) -> None:
         entry = base / conf["entry_config"]["entry_file"]
         config = entry.parent / conf["entry_config"]["conf_file"]
         assert entry.exists() and config.exists()
-        out = run([str(BIN / "python"), str(entry), "--cf", str(config), "--check", "--rank", "0"],
-                  tmp_path, f"{role}-check.log", timeout=60)
-        assert "config OK: cross_silo/MQTT_S3, strategy=prism" in out
+        assert yaml.safe_load(config.read_text()) == yaml.safe_load(cfg.read_text()), "the package carries the job"
+        commands[role] = [str(BIN / "python"), str(entry), "--cf", str(config), "--rank", str(rank), "--role", role]
+    cwd = {role: tmp_path / role / f"{role}-package" / "fedml" for role in commands}
+    server = subprocess.Popen(commands["server"], cwd=cwd["server"], env=env_for(tmp_path), start_new_session=True,
+                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    procs = [server]
+    try:
+        wait_for(lambda: "cross-silo GRPC server" in (tmp_path / "server.log").read_text() or server.poll() is not None,
+                 timeout=90, what="the packaged server to start")
+        time.sleep(1.0)
+        client = subprocess.Popen(commands["client"], cwd=cwd["client"], env=env_for(tmp_path), start_new_session=True,
+                                  stdout=open(tmp_path / "client.log", "w"), stderr=subprocess.STDOUT)
+        procs.append(client)
+        assert server.wait(timeout=150) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        assert client.wait(timeout=30) == 0, (tmp_path / "client.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            stop(p)
+    rows = metrics(out)
+    assert [r["round"] for r in rows] == [1, 2] and all(r["clients"] == 2 for r in rows)
+    assert (out / "checkpoint.pt").is_file() and (out / "metrics.csv").is_file()
 
 
 def test_grpc_silent_worker_is_left_out_after_the_round_deadline(tmp_path) -> None:
