@@ -127,6 +127,29 @@ def _child(args: argparse.Namespace) -> dict:
     }
 
 
+def compare(before: list[dict], after: list[dict]) -> str:
+    """Markdown table of two runs side by side (same models); the server's share is taken against the
+    mean of the two runs' measured client rounds, so both versions face the same round."""
+    old = {r["model"]: r for r in before}
+    lines = [
+        "| model | input | params | largest layer | init s (before → after) | server s per round (before → after) "
+        "| 20-client round s | server share (before → after) | peak MB (after) |",
+        "|---|---|---:|---|---|---|---:|---|---:|",
+    ]
+    for a in after:
+        b = old.get(a["model"])
+        if b is None:
+            continue
+        round_s = (a["round_s"] + b["round_s"]) / 2
+        n, m = a["largest_layer"]
+        lines.append(
+            f"| {a['model']} | {a['input_size']}² | {a['params'] / 1e6:.1f} M | {n} × {m} "
+            f"| {b['init_s']:.1f} → {a['init_s']:.1f} | {b['server_s']:.1f} → {a['server_s']:.1f} | {round_s:.0f} "
+            f"| {b['server_s'] / round_s:.1%} → {a['server_s'] / round_s:.1%} | {a['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -138,8 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--label", default="", help="a name for this engine version in the JSON")
     p.add_argument("--out", default="")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE_JSON", "AFTER_JSON"),
+                   help="print the side-by-side table of two result files and exit")
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.compare:
+        with open(args.compare[0]) as f, open(args.compare[1]) as g:
+            print(compare(json.load(f), json.load(g)))
+        return 0
     if args.model:  # child
         print(json.dumps(_child(args)))
         return 0

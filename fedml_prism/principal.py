@@ -307,8 +307,8 @@ class PrincipalModel:
             if name in momentum_factors:
                 m = momentum_factors[name]
                 if done is not None:  # carry the buffers into the refreshed basis
-                    m = Factors((m.u.to(torch.float64) @ done.q_u).to(m.u.dtype), f.sigma,
-                                (done.q_v.t() @ m.v.flatten(1).to(torch.float64)).to(m.v.dtype).view_as(m.v))
+                    m = Factors(m.u @ done.q_u.to(m.u.dtype), f.sigma,
+                                (done.q_v.t().to(m.v.dtype) @ m.v.flatten(1)).view_as(m.v))
                 self.momentum[name + ".u"], self.momentum[name + ".v"] = m.u, m.v
             report.layers[name] = _layer_diagnostics(old[name], f, hits[name], change[name], contributions, name,
                                                      keep_count(self.config.max_keep_ratio, len(f.sigma)), done)

@@ -42,7 +42,7 @@ _F64 = torch.float64
 class Refreshed:
     """A refreshed layer, the basis change, and the inner product with the previous layer.
 
-    ``q_u = U_oldᵀ U_new`` and ``q_v = V_old V_newᵀ`` (r × r, float64) carry factor momentum from the
+    ``q_u = U_oldᵀ U_new`` and ``q_v = V_old V_newᵀ`` (r × r) carry factor momentum from the
     old basis into the new one; ``inner_old = ⟨W', W_old⟩_F`` and ``norm_old = ‖W_old‖_F²`` give the
     round's relative change of the layer."""
 
@@ -114,26 +114,28 @@ def block_refresh(old: Factors, new: Factors, trained: Tensor, dtype: str = "flo
     c_u, r_u, d_u = _side(u_old, u_t, keep)
     c_v, r_v, d_v = _side(v_old, v_t, keep)
     order = torch.cat([keep.nonzero().flatten(), train.nonzero().flatten()])
-    sig = new.sigma.to(_F64)[order]
+    sig = new.sigma.to(work)[order]
     nk = int(keep.sum())
+    # the r × r algebra runs in the decomposition's precision; only the Grams' Cholesky is float64
+    c_u, r_u, c_v, r_v = (m.to(work) for m in (c_u, r_u, c_v, r_v))
 
     def b_matrix(c: Tensor, rr: Tensor) -> Tensor:
-        b = torch.zeros(r, r, dtype=_F64)
-        b[:nk, :nk] = torch.eye(nk, dtype=_F64)
+        b = torch.zeros(r, r, dtype=work)
+        b[:nk, :nk] = torch.eye(nk, dtype=work)
         b[:nk, nk:] = c
         b[nk:, nk:] = rr
         return b
 
     core = b_matrix(c_u, r_u) * sig @ b_matrix(c_v, r_v).t()
-    u_k, s_k, vh_k = torch.linalg.svd(core.to(work) if dtype == "float32" else core, full_matrices=False)
-    u_k, v_k = u_k.to(_F64), vh_k.t().to(_F64)
+    u_k, s_k, vh_k = torch.linalg.svd(core, full_matrices=False)
+    v_k = vh_k.t()
     if not (torch.isfinite(u_k).all() and torch.isfinite(s_k).all() and torch.isfinite(v_k).all()):
         raise RuntimeError("non-finite core SVD")
 
     def fold(c: Tensor, rr: Tensor, k: Tensor) -> Tensor:
         """``X`` with ``[B_R, B'_T] X = [B_R, Q] k`` (rows in the layer's component order)."""
         k_t = torch.linalg.solve_triangular(rr, k[nk:], upper=True)  # R⁻¹ K_T
-        x = torch.empty(r, r, dtype=_F64)
+        x = torch.empty(r, r, dtype=work)
         x[keep] = k[:nk] - c @ k_t
         x[train] = k_t
         return x
@@ -141,8 +143,8 @@ def block_refresh(old: Factors, new: Factors, trained: Tensor, dtype: str = "flo
     x_u, x_v = fold(c_u, r_u, u_k), fold(c_v, r_v, v_k)
     out = old.u.dtype
     # [U_R, U'_T] X in the layer's order is U' X: the untrained columns of U' are U_R bit for bit
-    u_new = (new.u.to(work) @ x_u.to(work)).to(out)
-    v_new = (x_v.t().to(work) @ new.v.flatten(1).to(work)).to(out)
+    u_new = (new.u.to(work) @ x_u).to(out)
+    v_new = (x_v.t() @ new.v.flatten(1).to(work)).to(out)
     # U_oldᵀ U_new = U_oldᵀ [U_R, U'_T] X = [E_R, D_u] X (E_R: the untrained columns of the identity)
     q_u = _basis_change(d_u, x_u, keep, train)
     q_v = _basis_change(d_v, x_v, keep, train)
@@ -154,13 +156,11 @@ def block_refresh(old: Factors, new: Factors, trained: Tensor, dtype: str = "flo
 
 
 def _basis_change(d: Tensor, x: Tensor, keep: Tensor, train: Tensor) -> Tensor:
-    """``[E_R, D] X`` with the layer's component order: ``E_R`` picks the untrained rows of ``X``."""
-    r = x.shape[0]
-    e = torch.zeros(r, r, dtype=_F64)
-    cols = torch.arange(r)
-    e[cols[keep], cols[keep]] = 1.0
-    e[:, train] = d
-    return e @ x
+    """``[E_R, D] X`` with the layer's component order (``E_R`` picks the untrained rows of ``X``):
+    ``X``'s untrained rows plus ``D X_T``."""
+    q = d.to(x.dtype) @ x[train]
+    q[keep] += x[keep]
+    return q
 
 
 def dense_refresh(old: Factors, new: Factors, dtype: str = "float32", name: str = "") -> Refreshed:
