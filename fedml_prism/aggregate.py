@@ -107,13 +107,33 @@ def average_elements(
 
 
 def check_update(
-    payload: object, expected: Mapping[str, torch.Size], indices: Mapping[str, Tensor]
+    payload: object,
+    expected: Mapping[str, torch.Size],
+    indices: Mapping[str, Tensor],
+    dtypes: Mapping[str, torch.dtype] | None = None,
+    meta: Tensor | None = None,
 ) -> str | None:
     """``None`` if ``payload`` is a well-formed ``up`` payload for the recorded sub-model, else the
-    reason to reject it. ``expected`` maps every trainable entry to its shape; ``indices`` holds the
-    ``prism::…`` selection entries the server sent (a client cannot change them)."""
+    reason to reject it. ``expected`` maps every trainable entry to its shape, ``dtypes`` to its
+    dtype; ``indices`` holds the ``prism::…`` selection entries the server sent and ``meta`` its
+    ``prism::meta`` entry (strategy, client, round, keep ratio): a client cannot change them, so an
+    update of another client or of an earlier round is refused. Every tensor must be a dense,
+    strided tensor with real storage (no meta or sparse tensors); floating ones must be finite."""
     if not isinstance(payload, Mapping):
         return f"payload is a {type(payload).__name__}, not a mapping of tensors"
+    for key, value in payload.items():
+        if not isinstance(key, str):
+            return f"key {key!r} is not a string"
+        if not isinstance(value, Tensor):
+            return f"{key!r} is a {type(value).__name__}, not a tensor"
+        if value.is_meta or value.layout != torch.strided or value.is_quantized:
+            return f"{key!r} is not a dense tensor with data (device {value.device}, layout {value.layout})"
+    if meta is not None:
+        sent = payload.get(META)
+        if sent is None:
+            return f"missing {META!r} entry"
+        if sent.shape != meta.shape or sent.dtype != meta.dtype or not torch.equal(sent.cpu(), meta):
+            return f"{META!r} entry differs from what the server sent (another client's or an earlier round's update)"
     keys = set(payload) - {META}
     missing = sorted(set(expected) - keys)
     extra = sorted(keys - set(expected) - set(indices))
@@ -133,6 +153,8 @@ def check_update(
             return f"{key!r} is a {type(value).__name__}, not a tensor"
         if value.shape != shape:
             return f"{key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}"
+        if dtypes is not None and key in dtypes and value.dtype != dtypes[key]:
+            return f"{key!r} has dtype {value.dtype}, expected {dtypes[key]}"
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"{key!r} has non-finite values"
     return None

@@ -45,7 +45,7 @@ from .sampling import (
     sample_components,
     top_components,
 )
-from .submodel import MOMENTUM, RESERVED, SubModel, build_module, meta_skeleton
+from .submodel import META, MOMENTUM, RESERVED, SubModel, build_module, meta_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ class _Sent:
     components: dict[str, Tensor]
     rows: dict[str, Tensor]
     cols: dict[str, Tensor]
+    #: dtype of every trainable entry, and the ``prism::meta`` entry (strategy, client, round, keep)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    meta: Tensor | None = None
 
 
 class PrincipalModel:
@@ -160,13 +163,16 @@ class PrincipalModel:
         rho = self.keep_ratio_for(client_id)
         sub = self._build(client_id, round_idx, rho, device)
         up = sub.to_payload("up")
+        trainable = {k: v for k, v in up.items() if not k.startswith(RESERVED) or k.startswith(MOMENTUM)}
         self._sent[client_id] = _Sent(
             rho,
-            {k: v.shape for k, v in up.items() if not k.startswith(RESERVED) or k.startswith(MOMENTUM)},
+            {k: v.shape for k, v in trainable.items()},
             sub.index_entries(),
             sub.components,
             sub.rows,
             sub.cols,
+            {k: v.dtype for k, v in trainable.items()},
+            up[META],
         )
         return sub
 
@@ -253,7 +259,7 @@ class PrincipalModel:
             elif isinstance(num, bool) or not isinstance(num, (int, float)) or not (num > 0 and math.isfinite(num)):
                 reason = f"num_samples={num!r} is not a positive number"
             else:
-                reason = check_update(payload, sent.shapes, sent.indices)
+                reason = check_update(payload, sent.shapes, sent.indices, sent.dtypes, sent.meta)
             if reason is not None:
                 log.warning("round %d: rejected update of client %d: %s", report.round_idx + 1, client_id, reason)
                 report.rejected[client_id] = reason

@@ -133,6 +133,25 @@ def unpack_bundle(bundle: Mapping[str, Tensor]) -> dict[int, dict[str, Tensor]]:
     return out
 
 
+#: the largest sample count a client may claim (``weighting: samples`` weighs updates by it)
+MAX_SAMPLES = 10**9
+
+
+def _scalar(value: Any, key: str, integer: bool = False) -> float:
+    """One number a client reports (``prism::num_samples`` / losses), checked: a one-element real
+    tensor; a sample count must be an integer in ``[1, MAX_SAMPLES]``; a missing loss is NaN."""
+    if value is None:
+        if integer:
+            raise ValueError(f"{key!r} is missing")
+        return float("nan")
+    if not isinstance(value, Tensor) or value.is_meta or value.numel() != 1 or value.is_complex():
+        raise ValueError(f"{key!r} must be a one-element real tensor")
+    number = float(value.detach().cpu().reshape(()).double())
+    if integer and not (math.isfinite(number) and number == int(number) and 1 <= number <= MAX_SAMPLES):
+        raise ValueError(f"{key!r}={number!r} is not a sample count in [1, {MAX_SAMPLES}]")
+    return number
+
+
 def payload_bytes(payload: Mapping[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in payload.values())
 
@@ -232,10 +251,14 @@ class PrismServer:
                 if cid not in self.selected:
                     log.warning("round %d: dropped an update for client %d, which was not selected", self.round_idx + 1, cid)
                     continue
-                num = payload.pop(NUM_SAMPLES, torch.tensor(0))
-                loss = payload.pop(TRAIN_LOSS, torch.tensor(float("nan")))
-                start = payload.pop(START_LOSS, torch.tensor(float("nan")))
-                updates.append(ClientUpdate(cid, payload, int(num), float(loss), float(start)))
+                try:
+                    num = _scalar(payload.pop(NUM_SAMPLES, None), NUM_SAMPLES, integer=True)
+                    loss = _scalar(payload.pop(TRAIN_LOSS, None), TRAIN_LOSS)
+                    start = _scalar(payload.pop(START_LOSS, None), START_LOSS)
+                except ValueError as err:
+                    log.warning("round %d: dropped the update of client %d: %s", self.round_idx + 1, cid, err)
+                    continue
+                updates.append(ClientUpdate(cid, payload, int(num), loss, start))
         return updates
 
     def close_round(self, updates: list[ClientUpdate]) -> dict[str, Any]:
