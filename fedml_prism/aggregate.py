@@ -206,6 +206,12 @@ def rotate_momentum(momentum: Factors, before: Factors, after: Factors) -> Facto
     components that mix get the mix of their buffers."""
     q_u = before.u.t() @ after.u
     q_v = before.v.flatten(1) @ after.v.flatten(1).t()
-    m_u = momentum.u @ q_u
-    m_v = (q_v.t() @ momentum.v.flatten(1)).view_as(momentum.v)
-    return Factors(m_u, after.sigma, m_v)
+    return rotate_momentum_by(momentum, q_u, q_v, after.sigma)
+
+
+def rotate_momentum_by(momentum: Factors, q_u: Tensor, q_v: Tensor, sigma: Tensor) -> Factors:
+    """:func:`rotate_momentum` with the basis change given: ``q_u = U_beforeᵀ U_after`` and
+    ``q_v = V_before V_afterᵀ`` (the block refresh gets them from its projections)."""
+    m_u = momentum.u @ q_u.to(momentum.u.dtype)
+    m_v = (q_v.t().to(momentum.v.dtype) @ momentum.v.flatten(1)).view_as(momentum.v)
+    return Factors(m_u, sigma, m_v)

@@ -27,6 +27,7 @@ from .aggregate import (
     component_change,
     frobenius_inner,
     momentum_view,
+    rotate_momentum_by,
     unscale_sqrt,
 )
 from .attention import convert_attention, restore_attention
@@ -313,8 +314,7 @@ class PrincipalModel:
             if name in momentum_factors:
                 m = momentum_factors[name]
                 if done is not None:  # carry the buffers into the refreshed basis
-                    m = Factors(m.u @ done.q_u.to(m.u.dtype), f.sigma,
-                                (done.q_v.t().to(m.v.dtype) @ m.v.flatten(1)).view_as(m.v))
+                    m = rotate_momentum_by(m, done.q_u, done.q_v, f.sigma)
                 self.momentum[name + ".u"], self.momentum[name + ".v"] = m.u, m.v
             report.layers[name] = _layer_diagnostics(old[name], f, hits[name], change[name], contributions, name,
                                                      keep_count(self.config.max_keep_ratio, len(f.sigma)), done)
