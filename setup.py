@@ -32,6 +32,7 @@ setup(
         "PyYAML",
         "h5py",
         "grpcio",
+        "safetensors",  # the wire format of gRPC and MQTT_S3 messages: tensors parsed without pickle
         "protobuf<4",
         "onnx>=1.15,<1.18",  # sub-model → ONNX → MNN (cross-device); later onnx needs protobuf 4
         "MNN>=3,<4",  # MNN converter and training API (cross-device)

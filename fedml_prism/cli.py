@@ -3,6 +3,7 @@
 Subcommands:
   costs   parameters, MACs and bytes of a sub-model next to the dense model
   run     run a fedml_config.yaml on a FedML runtime (see README)
+  keys    message authentication keys for a cross-silo job (README Security)
 """
 
 from __future__ import annotations
@@ -169,6 +170,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_main(args)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .security import write_keys
+
+    for path in write_keys(args.out, args.workers):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedml-prism", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "resumes and fresh workers join it; an MPI job restarts whole)")
     run.add_argument("--check", action="store_true", help="validate the config, print the job, and exit")
     run.set_defaults(func=cmd_run)
+    keys = sub.add_parser("keys", help="message authentication keys: party0.key (server, master) and one per worker")
+    keys.add_argument("--out", required=True, help="folder for party<rank>.key (mode 600)")
+    keys.add_argument("--workers", type=int, required=True, help="number of worker processes (ranks 1..K)")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -1,20 +1,19 @@
-"""FedML's cross-silo client manager with the fix for the lost FINISHED message on MQTT_S3.
+"""FedML's cross-silo client manager with PriSM's transports and the fix for the lost FINISHED message on MQTT_S3.
 
 FedML 0.9.6's client publishes its FINISHED status asynchronously (QoS 2) and disconnects at once
 (``cross_silo/client/fedml_client_master_manager.py:151-155`` then
 ``core/distributed/communication/mqtt/mqtt_manager.py:98-113``), so the broker often never gets it and
-the server waits forever. ``PrismClientManager`` sends that one message with a blocking single
-publish (paho's ``publish.single``, QoS 2) before disconnecting.
+the server waits forever. ``PrismClientManager`` sends that one message as a frame on a connection of
+its own and waits until the broker has it (QoS 2 complete) before disconnecting
+(``PrismMqttS3CommManager.send_message_blocking``: same credentials, TLS and authentication as every
+other message).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 from typing import Any
-
-from paho.mqtt import publish
 
 from ._fedml_import import silence_fedml_import_warnings
 
@@ -27,6 +26,15 @@ log = logging.getLogger("fedml_prism")
 
 
 class PrismClientManager(ClientMasterManager):
+    def _init_manager(self) -> None:
+        from .transport import SAFE_BACKENDS, make_comm_manager
+
+        if self.backend not in SAFE_BACKENDS:
+            super()._init_manager()
+            return
+        self.com_manager = make_comm_manager(self.args, self.rank, self.size, self.backend)
+        self.com_manager.add_observer(self)
+
     def send_client_status(self, receive_id: Any, status: str = ClientMasterManager.ONLINE_STATUS_FLAG) -> None:
         if status != ClientMasterManager.RUN_FINISHED_STATUS_FLAG or self.backend != "MQTT_S3":
             super().send_client_status(receive_id, status)
@@ -34,13 +42,12 @@ class PrismClientManager(ClientMasterManager):
         message = Message(MyMessage.MSG_TYPE_C2S_CLIENT_STATUS, self.client_real_id, receive_id)
         message.add_params(MyMessage.MSG_ARG_KEY_CLIENT_STATUS, status)
         message.add_params(MyMessage.MSG_ARG_KEY_CLIENT_OS, "Mac" if platform.system() == "Darwin" else platform.system())
-        comm = self.com_manager
-        topic = comm._topic + str(message.get_sender_id())  # the topic FedML's MQTT_S3 client publishes on
-        # FedML's own publish_single_message passes auth={'username': None} without credentials, which
-        # paho rejects (mqtt_manager.py:108): publish directly, with auth only when a user is set.
-        auth = {"username": comm.mqtt_user, "password": comm.mqtt_pwd} if comm.mqtt_user else None
-        publish.single(topic, payload=json.dumps(message.get_params()), qos=2, hostname=comm.broker_host,
-                       port=int(comm.broker_port), auth=auth, client_id=f"fedml_prism_finished_{self.client_real_id}")
+        try:
+            self.com_manager.send_message_blocking(message)
+        except Exception as err:  # noqa: BLE001 - the server's finish deadline covers a lost FINISHED
+            log.warning("worker %s: FINISHED not delivered (%s: %s); the server's deadline ends the run",
+                        self.client_real_id, type(err).__name__, err)
+            return
         log.info("worker %s: FINISHED delivered with a blocking publish", self.client_real_id)
 
 

@@ -15,6 +15,20 @@ The server is FedML 0.9.6's cross-device ``FedMLServerManager`` (``cross_device/
 - **no hang on a lost device.** The SDK's last will (``flclient_agent/last_will_msg``, which FedML's
   server does not subscribe to) marks a device gone at once; a round deadline, a start deadline and a
   finish deadline cover devices that go silent without one;
+- **a server that device messages cannot take over.** Devices speak FedML's unsigned JSON protocol
+  (the Android SDK cannot sign frames), so the server trusts nothing in a message body: the MQTT topic
+  names the device (a ``sender`` field that differs is refused); an upload's S3 key must be one that
+  device makes (``fedml_<run>_<server>_<edge>-<32 hex digits>``, the SDK's ``topic + "-" + uuid``),
+  unused so far, and of an object written after the round's model was sent; its size is checked
+  (``head_object``) against ``security_args.max_message_mb`` before it is downloaded, to a file name
+  the server makes in its cache folder; ``num_samples`` must be an integer in ``[1, MAX_SAMPLES]``;
+  the graph is parsed in a child process with a time and a memory limit
+  (:mod:`fedml_prism.mnn_sandbox`) and its parameters are checked (count, shapes, float32, finite)
+  before the engine's own checks. Each refusal is logged with its reason and the round goes on; no
+  handler lets an exception out of the message loop. The server's uploads are private (no
+  ``public-read`` ACL); devices download them with the bucket's credentials, as the SDK does.
+  What only the broker can close (ACLs: each device publishes on its own topics only): anyone who
+  may publish on a device's topic speaks as that device, and on the shared last-will topic;
 - **evaluation on the rebuilt dense model** in PyTorch (:class:`~fedml_prism.server.PrismServer`),
   plus the global model written as an MNN graph to ``global_model_file_path`` every round.
 
@@ -22,8 +36,12 @@ FedML defects worked around here (FedML's files are not edited):
 
 - ``core/distributed/communication/s3/remote_storage.py:404``: ``upload_file`` passes
   ``ExtraArgs={"Metadata": None}``, boto3 rejects it, the error is logged and ``None`` is returned as
-  the URL, so the device is told of a file that was never uploaded. Uploads here pass ``{}`` and
-  fail loudly (:func:`_fix_s3_upload`).
+  the URL, so the device is told of a file that was never uploaded; it also asks for a
+  ``public-read`` ACL. Uploads here are private and fail loudly (:func:`_fix_s3_upload`).
+- ``core/distributed/communication/mqtt_s3_mnn/mqtt_s3_comm_manager.py:182``: a message's S3 key is
+  downloaded to ``model_file_cache_folder + "/" + key`` (a key ``../../x`` writes outside the cache,
+  and the file is later deleted by that name), any size, from any topic's claimed sender; FedML's
+  receive path is replaced by :class:`PrismMnnCommManager`'s (see above).
 - ``cross_device/server_mnn/utils.py:18``: ``load_module(..., False)`` exposes no parameters under
   MNN 3.x; graphs are read with ``for_training=True`` (:func:`fedml_prism.mnn_export.load_module`).
 - ``cross_device/server_mnn/fedml_aggregator.py:255``: ``loss.read()`` fails in MNN evaluation; the
@@ -36,17 +54,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import threading
+import uuid
 from typing import Any
 
 import torch
 
 from ._fedml_import import silence_fedml_import_warnings
+from .mnn_sandbox import ParseLimits
 from .models import create_model
 from .principal import ClientUpdate
 from .runner import Job, load_data
-from .server import Deadline, PrismServer
+from .server import MAX_SAMPLES, Deadline, PrismServer
 
 log = logging.getLogger("fedml_prism")
 
@@ -77,6 +99,7 @@ def validate(job: Job) -> None:
                          " (MNN devices train with their own optimizer and return no momentum buffers)")
     if len(input_shape(job)) != 3:
         raise ValueError(f"input_shape={input_shape(job)} is invalid: cross_device exports image models [C, H, W]")
+    ParseLimits.from_flat(job.flat)  # mnn_parse_timeout_s / mnn_parse_memory_mb
 
 
 def input_shape(job: Job) -> tuple[int, ...]:
@@ -88,18 +111,247 @@ def input_shape(job: Job) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
+URL_EXPIRY_S = 3600  # the presigned GET URL sent with each graph (devices use the key and their credentials)
+MAX_JSON_BYTES = 1 << 16  # a device's messages are small JSON objects
+MAX_KEY_CHARS = 256
+PRISM_ROUND = "prism::round"  # set by the server on an admitted upload (never taken from a device)
+MSG_MODEL, MSG_STATUS = 3, 5  # what a device sends (FedML's MyMessage C2S_SEND_MODEL_TO_SERVER, C2S_CLIENT_STATUS)
+_UPLOAD_KEY = re.compile(r"fedml_(?P<run>[^_/]+)_(?P<server>\d+)_(?P<edge>\d+)-[0-9a-f]{32}")
+
+
+class Rejected(ValueError):
+    """A device message the server refuses; the text is the logged reason."""
+
+
+def upload_key_pattern(run_id: Any, server_id: Any, edge: int) -> re.Pattern:
+    """The S3 keys device ``edge`` uploads under: the topic it downloads on, ``-``, 32 hex digits
+    (the Android SDK's ``topic + "-" + UUID`` without dashes; :class:`~fedml_prism.device.ReferenceDevice`)."""
+    return re.compile(re.escape(f"fedml_{run_id}_{server_id}_{edge}-") + "[0-9a-f]{32}")
+
+
+def sample_count_problem(value: Any) -> str | None:
+    """Why a claimed ``num_samples`` is unusable (``None``: an integer in ``[1, MAX_SAMPLES]``), as
+    :func:`fedml_prism.server._scalar` checks the tensors of cross-silo clients."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"num_samples={_short(value)} is invalid: allowed an integer in [1, {MAX_SAMPLES}]"
+    if not (math.isfinite(value) and value == int(value) and 1 <= value <= MAX_SAMPLES):
+        return f"num_samples={_short(value)} is not a sample count in [1, {MAX_SAMPLES}]"
+    return None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` of a value a peer chose, cut short for the log."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"…({len(text)} chars)"
+
+
+def _int_field(body: dict, key: str) -> int | None:
+    """An integer field of a device message (a JSON number or decimal string; SDK versions differ);
+    ``None`` when absent; :class:`Rejected` otherwise."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdecimal() and len(value) < 20:
+        return int(value)
+    raise Rejected(f"{key}={_short(value)} is invalid: allowed an integer")
+
+
+def _private_upload(inner: Any, key: str, path: str) -> str:
+    """Upload ``path`` under ``key`` without any ACL (private, unlike FedML's ``public-read``); a
+    failure raises ``OSError``. Returns a presigned GET URL valid for ``URL_EXPIRY_S``."""
+    client, bucket = inner.aws_s3_client, inner.bucket_name
+    try:
+        client.upload_file(path, bucket, key)
+        return client.generate_presigned_url("get_object", ExpiresIn=URL_EXPIRY_S, Params={"Bucket": bucket, "Key": key})
+    except Exception as err:  # noqa: BLE001 - boto3 raises several unrelated types; the caller handles OSError
+        raise OSError(f"upload of {path} to S3 key {key} failed: {type(err).__name__}: {err}") from err
+
+
 def _fix_s3_upload(storage: Any) -> None:
-    """FedML ``s3/remote_storage.py:404`` passes ``Metadata=None`` (boto3 rejects it, silently): upload
-    with ``{}`` and raise if the upload fails, instead of sending a key for a file that is not there."""
+    """FedML ``s3/remote_storage.py:404`` passes ``Metadata=None`` (boto3 rejects it, silently) and
+    ``ACL: public-read``: upload privately and raise if the upload fails, instead of sending a key
+    for a file that is not there."""
     inner = storage.s3_storage
+    storage.upload_model_file = lambda message_key, model_file_path: _private_upload(inner, message_key, model_file_path)
 
-    def upload_model_file(message_key: str, model_file_path: str) -> str:
-        url = inner.upload_file(model_file_path, message_key, metadata={})
-        if url is None:
-            raise OSError(f"upload of {model_file_path} to S3 key {message_key} failed (see the log)")
-        return url
 
-    storage.upload_model_file = upload_model_file
+def _comm_manager_class():
+    silence_fedml_import_warnings()
+    from fedml.core.distributed.communication.message import Message
+    from fedml.core.distributed.communication.mqtt_s3_mnn.mqtt_s3_comm_manager import MqttS3MNNCommManager
+
+    class PrismMnnCommManager(MqttS3MNNCommManager):
+        """FedML's ``MQTT_S3_MNN`` server transport with a receive path that trusts no message body
+        (see the module doc) and private uploads. ``admit(edge, num_samples, uploaded_at)`` is the
+        server manager's check of an upload against the round (``None``: declined, it logs why; else
+        the round index), run under ``lock`` with the download and the handler."""
+
+        def __init__(self, mqtt_config: Any, s3_config: Any, args: Any, client_num: int, max_bytes: int,
+                     admit: Any, lock: Any) -> None:
+            self.max_bytes, self.admit, self.lock = max_bytes, admit, lock
+            self.sent_at: dict[int, Any] = {}  # edge → S3 LastModified of the last graph sent to it
+            self.used_keys: set[str] = set()
+            super().__init__(mqtt_config, s3_config, topic=str(args.run_id), client_id=0, client_num=client_num,
+                             args=args)
+            _fix_s3_upload(self.s3_storage)
+            self.edges = {int(e) for e in self.client_real_ids}
+            client = self.mqtt_mgr._client
+            on_message = client.on_message
+
+            def guarded(mqtt_client: Any, userdata: Any, msg: Any) -> None:
+                try:
+                    on_message(mqtt_client, userdata, msg)
+                except Exception as err:  # noqa: BLE001 - nothing a peer sends may end the message loop
+                    log.warning("dropped a message on %s: %s: %s", _short(msg.topic), type(err).__name__, err)
+
+            client.on_message = guarded
+
+        @property
+        def s3(self) -> Any:
+            return self.s3_storage.s3_storage
+
+        # ------------------------------------------------------------ sending
+        def send_message(self, msg: Any) -> None:
+            """FedML's send, with the graph uploaded here first: privately, under FedML's key
+            (``fedml_<run>_<server>_<edge>_<uuid>``), its S3 time remembered for the staleness check."""
+            params = msg.get_params()
+            path = params.get(Message.MSG_ARG_KEY_MODEL_PARAMS, "")
+            if path != "" and params.get(Message.MSG_ARG_KEY_MODEL_PARAMS_URL, "") == "":
+                receiver = int(msg.get_receiver_id())
+                key = f"{self._topic}{self.server_id}_{receiver}_{uuid.uuid4()}"
+                params[Message.MSG_ARG_KEY_MODEL_PARAMS_URL] = _private_upload(self.s3, key, path)
+                params[Message.MSG_ARG_KEY_MODEL_PARAMS_KEY] = key
+                try:
+                    self.sent_at[receiver] = self.s3.aws_s3_client.head_object(
+                        Bucket=self.s3.bucket_name, Key=key)["LastModified"]
+                except Exception as err:  # noqa: BLE001 - boto3's errors
+                    raise OSError(f"S3 key {key} just uploaded cannot be read back: {err}") from err
+            super().send_message(msg)
+
+        # ------------------------------------------------------------ receiving
+        def _on_message_impl(self, msg: Any) -> None:
+            if msg.topic == DEVICE_LAST_WILL_TOPIC:
+                return  # the server manager's last-will listener
+            edge = self._edge_of(msg.topic)
+            if edge is None:
+                log.warning("dropped a message on topic %s: not a device topic of this run", _short(msg.topic))
+                return
+            try:
+                body = self._checked_body(edge, msg.payload)
+                if body[Message.MSG_ARG_KEY_TYPE] != MSG_MODEL:
+                    self._deliver(edge, body)
+                    return
+                with self.lock:
+                    if self._fetch_upload(edge, body):
+                        self._deliver(edge, body)
+            except Rejected as err:
+                log.warning("rejected a message from device %d: %s", edge, err)
+
+        def _edge_of(self, topic: str) -> int | None:
+            rest = topic[len(self._topic):] if topic.startswith(self._topic) else ""
+            return int(rest) if rest.isdecimal() and len(rest) < 20 and int(rest) in self.edges else None
+
+        def _checked_body(self, edge: int, payload: bytes) -> dict[str, Any]:
+            """The fields the server uses, checked; the sender is the topic's device."""
+            if len(payload) > MAX_JSON_BYTES:
+                raise Rejected(f"a message of {len(payload)} bytes: allowed at most {MAX_JSON_BYTES} (small JSON)")
+            try:
+                body = json.loads(payload.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError) as err:
+                raise Rejected(f"not a JSON object ({type(err).__name__})") from None
+            if not isinstance(body, dict):
+                raise Rejected(f"not a JSON object (a {type(body).__name__})")
+            kind = _int_field(body, Message.MSG_ARG_KEY_TYPE)
+            if kind not in (MSG_MODEL, MSG_STATUS):
+                raise Rejected(f"msg_type={_short(body.get(Message.MSG_ARG_KEY_TYPE))} is invalid: a device sends "
+                               f"{MSG_MODEL} (model) or {MSG_STATUS} (status)")
+            sender = _int_field(body, Message.MSG_ARG_KEY_SENDER)
+            if sender is not None and sender != edge:
+                raise Rejected(f"sender={sender} differs from the device of topic {self._topic}{edge} (a spoofed sender)")
+            receiver = _int_field(body, Message.MSG_ARG_KEY_RECEIVER)
+            if receiver is not None and receiver != int(self.server_id):
+                raise Rejected(f"receiver={receiver} is not this server ({self.server_id})")
+            clean: dict[str, Any] = {Message.MSG_ARG_KEY_TYPE: kind, Message.MSG_ARG_KEY_SENDER: edge,
+                                     Message.MSG_ARG_KEY_RECEIVER: int(self.server_id)}
+            if kind == MSG_STATUS:
+                status = body.get("client_status")
+                if not isinstance(status, str) or len(status) > 64:
+                    raise Rejected(f"client_status={_short(status)} is invalid: allowed a short string")
+                clean["client_status"] = status
+                return clean
+            clean[Message.MSG_ARG_KEY_MODEL_PARAMS] = body.get(Message.MSG_ARG_KEY_MODEL_PARAMS)
+            clean["num_samples"] = body.get("num_samples")
+            return clean
+
+        def _fetch_upload(self, edge: int, body: dict[str, Any]) -> bool:
+            """Check the upload's key and object, ask the server manager, download the object to a
+            file the server names. ``False``: declined by the manager (it logged why)."""
+            key = body[Message.MSG_ARG_KEY_MODEL_PARAMS]
+            if not isinstance(key, str) or not key.strip():
+                raise Rejected(f"model_params={_short(key)} is invalid: allowed the S3 key of the device's upload")
+            key = key.strip()
+            if len(key) > MAX_KEY_CHARS or not upload_key_pattern(self.args.run_id, self.server_id, edge).fullmatch(key):
+                m = _UPLOAD_KEY.fullmatch(key) if len(key) <= MAX_KEY_CHARS else None
+                if m and int(m["edge"]) != edge and m["run"] == str(self.args.run_id):
+                    raise Rejected(f"S3 key {_short(key)} is device {m['edge']}'s upload, not device {edge}'s")
+                raise Rejected(f"S3 key {_short(key)} is invalid: allowed fedml_{self.args.run_id}_{self.server_id}_"
+                               f"{edge}-<32 hex digits> (this device's uploads)")
+            if key in self.used_keys:
+                raise Rejected(f"S3 key {key} was used before (a replayed upload)")
+            try:
+                head = self.s3.aws_s3_client.head_object(Bucket=self.s3.bucket_name, Key=key)
+            except Exception as err:  # noqa: BLE001 - boto3's errors: no such object, no access, no endpoint
+                raise Rejected(f"S3 key {key} cannot be read: {type(err).__name__}: {err}") from None
+            size = int(head.get("ContentLength", -1))
+            if not 0 < size <= self.max_bytes:
+                raise Rejected(f"S3 object {key} has {size} bytes: allowed 1 to {self.max_bytes} (max_message_mb)")
+            r = self.admit(edge, body["num_samples"], head.get("LastModified"))
+            if r is None:
+                return False
+            self.used_keys.add(key)
+            folder = self.args.model_file_cache_folder
+            path = os.path.join(folder, f"upload_{edge}_r{r + 1}_{uuid.uuid4().hex}.mnn")
+            try:
+                self._download(key, path)
+            except (OSError, Rejected) as err:
+                _discard(path, folder)
+                raise Rejected(f"download of S3 key {key} failed: {err}") from None
+            body[Message.MSG_ARG_KEY_MODEL_PARAMS] = path
+            body[Message.MSG_ARG_KEY_MODEL_PARAMS_KEY] = key
+            body[PRISM_ROUND] = r
+            return True
+
+        def _download(self, key: str, path: str) -> None:
+            """Stream the object into a new file, stopping past ``max_bytes`` (it may have grown since
+            ``head_object``)."""
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    stream = self.s3.aws_s3_client.get_object(Bucket=self.s3.bucket_name, Key=key)["Body"]
+                    total = 0
+                    while chunk := stream.read(1 << 20):
+                        total += len(chunk)
+                        if total > self.max_bytes:
+                            raise Rejected(f"the object grew past {self.max_bytes} bytes (max_message_mb)")
+                        f.write(chunk)
+                except Rejected:
+                    raise
+                except Exception as err:  # noqa: BLE001 - boto3 / network errors
+                    raise OSError(f"{type(err).__name__}: {err}") from None
+
+        def _deliver(self, edge: int, body: dict[str, Any]) -> None:
+            try:
+                self._notify(body)
+            except Exception as err:  # noqa: BLE001 - a handler's failure drops this message only
+                log.error("dropped a message from device %d: handling it failed: %s: %s", edge, type(err).__name__, err,
+                          exc_info=True)
+            finally:
+                if body.get(PRISM_ROUND) is not None:
+                    _discard(body.get(Message.MSG_ARG_KEY_MODEL_PARAMS), self.args.model_file_cache_folder)
+
+    return PrismMnnCommManager
 
 
 def _server_manager_class():
@@ -109,16 +361,19 @@ def _server_manager_class():
 
     from .mnn_export import MnnExporter, read_trained
 
+    comm_manager_class = _comm_manager_class()
+
     class PrismMNNServerManager(FedMLServerManager):
         """FedML's cross-device server manager, one sub-model graph per device (see the module doc)."""
 
         def __init__(self, args: Any, server: PrismServer, exporter: MnnExporter, edges: list[int],
-                     job: Job, round_timeout_s: float, start_timeout_s: float) -> None:
+                     job: Job, round_timeout_s: float, start_timeout_s: float, max_bytes: int = 256 << 20,
+                     parse_limits: ParseLimits | None = None) -> None:
+            self.lock = threading.RLock()
+            self.max_bytes, self.parse_limits = max_bytes, parse_limits or ParseLimits()
             super().__init__(args, None, None, 0, len(edges), "MQTT_S3_MNN")
-            _fix_s3_upload(self.com_manager.s3_storage)
             self.server, self.exporter, self.edges, self.job = server, exporter, edges, job
             self.round_timeout_s, self.start_timeout_s = round_timeout_s, start_timeout_s
-            self.lock = threading.RLock()
             self.gone: set[int] = set()
             self.sent: dict[int, tuple[Any, dict]] = {}  # edge → (graph, sub-model's up payload)
             self.received: dict[int, ClientUpdate | None] = {}
@@ -128,6 +383,21 @@ def _server_manager_class():
             self._announcer: threading.Thread | None = None
             self._listening = False
             self._done = False
+
+        def _init_manager(self) -> None:
+            """FedML's ``MQTT_S3_MNN`` transport with PriSM's receive path (see the module doc)."""
+            mqtt_config, s3_config = self.get_training_mqtt_s3_config()
+            self.com_manager = comm_manager_class(mqtt_config, s3_config, self.args, self.size, self.max_bytes,
+                                                  self._admit_upload, self.lock)
+            self.com_manager.add_observer(self)
+
+        def receive_message(self, msg_type: Any, msg_params: Any) -> None:
+            """FedML's dispatch; a message whose handling fails is logged and dropped."""
+            try:
+                super().receive_message(msg_type, msg_params)
+            except Exception as err:  # noqa: BLE001 - nothing a peer sends may end the message loop
+                log.error("dropped a message of type %s: handling it failed: %s: %s", _short(msg_type),
+                          type(err).__name__, err, exc_info=True)
 
         # ---------------------------------------------------------------- start
         def start_train(self) -> None:
@@ -155,8 +425,6 @@ def _server_manager_class():
                 if not self._listening:
                     self._listening = True
                     mgr = self.com_manager.mqtt_mgr
-                    # FedML's comm manager parses every message as a FedML message: keep last wills from it
-                    mgr._passthrough_listeners[:] = [_skip_last_wills(f) for f in mgr._passthrough_listeners]
                     mgr.add_message_passthrough_listener(self._on_raw_message)
                     mgr._client.subscribe(DEVICE_LAST_WILL_TOPIC, qos=2)
                 if self.is_initialized:
@@ -232,31 +500,52 @@ def _server_manager_class():
             self.deadline.arm(lambda: self._round_deadline(r), self.round_timeout_s)
             self._maybe_close()
 
+        def _admit_upload(self, edge: int, num_samples: Any, uploaded_at: Any) -> int | None:
+            """Whether device ``edge``'s upload (S3 time ``uploaded_at``) is the one this round waits for,
+            before it is downloaded: the round index, or ``None`` (logged why). A device answers its
+            messages in order, so after a round closed without its model, its next upload is that
+            round's and is dropped."""
+            with self.lock:
+                r = self.server.round_idx
+                if self.late.get(edge):
+                    self.late[edge] -= 1
+                    log.warning("round %d: dropped a late model from device %d (an earlier round's)", r + 1, edge)
+                    return None
+                if self._done or edge not in self.sent or edge in self.received:
+                    log.warning("round %d: ignored a model from device %d (not expected now)", r + 1, edge)
+                    return None
+                sent_at = self.com_manager.sent_at.get(edge)
+                reason = sample_count_problem(num_samples)
+                if sent_at is not None and (uploaded_at is None or uploaded_at < sent_at):
+                    reason = (f"its S3 object was written at {uploaded_at}, before this round's model was sent at"
+                              f" {sent_at} (an earlier round's upload)")
+                if reason is not None:
+                    log.warning("round %d: rejected a model from device %d: %s", r + 1, edge, reason)
+                    return None
+                return r
+
         def handle_message_receive_model_from_client(self, msg_params: Any) -> None:
+            """An admitted upload (:meth:`_admit_upload`), downloaded by the transport: read the graph in
+            a child process and check it against what was sent."""
             with self.lock:
                 edge = int(msg_params.get(MyMessage.MSG_ARG_KEY_SENDER))
                 path = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
-                num = msg_params.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)
                 r = self.server.round_idx
-                if self.late.get(edge):
-                    # a device answers its messages in order: this upload is for a round already closed
-                    self.late[edge] -= 1
-                    log.warning("round %d: dropped a late model from device %d (an earlier round's)", r + 1, edge)
-                    _discard(path)
-                    return
-                if edge not in self.sent or edge in self.received:
-                    log.warning("round %d: ignored a model from device %d (not expected now)", r + 1, edge)
-                    return
-                graph, up = self.sent[edge]
-                silo = self.data_silo_index_list[self.client_id_list_in_this_round.index(edge)]
                 try:
-                    payload = read_trained(path, graph, up)
-                    self.received[edge] = ClientUpdate(silo, payload, int(num), float("nan"))
-                except (OSError, ValueError, RuntimeError, TypeError) as err:
-                    log.warning("round %d: unreadable model from device %d: %s", r + 1, edge, err)
-                    self.received[edge] = None
+                    if msg_params.get(PRISM_ROUND) != r or edge not in self.sent or edge in self.received:
+                        log.warning("round %d: ignored a model from device %d (not expected now)", r + 1, edge)
+                        return
+                    graph, up = self.sent[edge]
+                    silo = self.data_silo_index_list[self.client_id_list_in_this_round.index(edge)]
+                    try:
+                        payload = read_trained(path, graph, up, self.parse_limits)
+                        num = int(msg_params.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES))
+                        self.received[edge] = ClientUpdate(silo, payload, num, float("nan"))
+                    except (OSError, ValueError, RuntimeError, TypeError) as err:
+                        log.warning("round %d: rejected the model from device %d: %s", r + 1, edge, err)
+                        self.received[edge] = None
                 finally:
-                    _discard(path)
+                    _discard(path, self.args.model_file_cache_folder)
                 self._maybe_close()
 
         def _maybe_close(self) -> None:
@@ -298,7 +587,7 @@ def _server_manager_class():
                 return  # a retained last will is from an earlier connection
             try:
                 edge = int(json.loads(msg.payload.decode()).get("ID"))
-            except (ValueError, TypeError, AttributeError):
+            except Exception:  # noqa: BLE001 - any malformed last will is ignored
                 return
             with self.lock:
                 if edge not in self.edges or edge in self.gone or edge in self.finished_edges:
@@ -342,17 +631,16 @@ def _server_manager_class():
     return PrismMNNServerManager
 
 
-def _discard(path: Any) -> None:
-    if isinstance(path, str) and os.path.exists(path):
-        os.remove(path)
-
-
-def _skip_last_wills(listener: Any) -> Any:
-    def listen(msg: Any) -> None:
-        if msg.topic != DEVICE_LAST_WILL_TOPIC:
-            listener(msg)
-
-    return listen
+def _discard(path: Any, folder: str) -> None:
+    """Delete a downloaded upload; only a file inside the model cache ``folder`` (after resolving links)."""
+    if not isinstance(path, str) or not path:
+        return
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    if real == root or os.path.commonpath([real, root]) != root:
+        log.warning("refused to delete %s: it is outside the model cache %s", _short(path), folder)
+        return
+    if os.path.isfile(real):
+        os.remove(real)
 
 
 def _run_id_value(run_id: Any) -> Any:
@@ -384,9 +672,11 @@ def fedml_args(job: Job, run_id: str) -> Any:
 
 def run_server(job: Job, run_id: str) -> int:
     """The PriSM cross-device server, until every device has FINISHED (or the deadlines passed)."""
-    from .cross_silo import init_fedml
+    from .cross_silo import init_fedml, security_settings
     from .mnn_export import MnnExporter
 
+    security = security_settings(job, 0)  # max_message_mb; broker and S3 credentials scrubbed from the logs
+    limits = ParseLimits.from_flat(job.flat)
     args = init_fedml(job, fedml_args(job, run_id))
     data = load_data(job)
     model = create_model(job.model, init=job.model_init, **job.model_kwargs)
@@ -394,7 +684,7 @@ def run_server(job: Job, run_id: str) -> int:
     server = PrismServer(model, job.prism, job.settings, test, "cpu")
     exporter = MnnExporter(input_shape(job), seed=job.prism.seed)
     manager = _server_manager_class()(args, server, exporter, edge_ids(job), job, job.settings.round_timeout_s,
-                                      job.settings.start_timeout_s)
+                                      job.settings.start_timeout_s, security.max_bytes, limits)
     log.info("cross-device server: run %s, devices %s, %d rounds, strategy %s keep %.2f", run_id, edge_ids(job),
              job.settings.comm_round, job.prism.strategy, job.prism.keep_ratio)
     manager.run()

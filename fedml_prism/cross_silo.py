@@ -25,6 +25,7 @@ import torch
 from ._fedml_import import silence_fedml_import_warnings
 from .models import create_model
 from .runner import Job, load_data
+from .security import SecuritySettings, scrub_logs, secret_values
 from .server import PrismClient, PrismServer, RunSettings
 
 log = logging.getLogger("fedml_prism")
@@ -56,7 +57,20 @@ def fedml_args(job: Job, rank: int, role: str, run_id: str) -> Any:
         value = getattr(args, key, None)
         if isinstance(value, str) and value and not os.path.isabs(value):
             setattr(args, key, os.path.join(os.path.dirname(job.path), value))
+    args.prism_security = security_settings(job, rank)
     return args
+
+
+def security_settings(job: Job, rank: int) -> SecuritySettings:
+    """Party ``rank``'s ``security_args`` (checked before any work starts); its key and the job's
+    broker and S3 credentials are scrubbed from every log line of this process from now on."""
+    settings = SecuritySettings.from_flat(job.flat, os.path.dirname(job.path), rank)
+    scrub_logs([*secret_values(job.flat), *([settings.auth_key] if settings.auth_key else [])])
+    if job.backend == "GRPC":
+        from .grpc_transport import check_ipconfig
+
+        check_ipconfig(job.flat.get("grpc_ipconfig_path"), os.path.dirname(job.path), job.worker_num)
+    return settings
 
 
 def init_fedml(job: Job, args: Any) -> Any:
@@ -202,18 +216,14 @@ def _exit_worker(reason: str) -> None:
 
 def _grpc_server_address(args: Any) -> tuple[str, int] | None:
     """Where this gRPC worker sends to the server (rank 0's row of ``grpc_ipconfig_path``, its
-    ``ingress_ip`` first, as FedML's ``GRPCCommManager`` does); ``None`` for other backends."""
-    import csv
+    ``ingress_ip`` first, as the transport does); ``None`` for other backends."""
+    from .grpc_transport import read_ipconfig
 
     path = getattr(args, "grpc_ipconfig_path", None)
     if args.backend != "GRPC" or not path or not os.path.isfile(path):
         return None
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if int(row["eid"]) == 0:
-                host = row.get("ingress_ip") or row["grpc_server_ip"]
-                return ("127.0.0.1" if host == "0.0.0.0" else host), int(row["grpc_server_port"])
-    return None
+    host, _, port = read_ipconfig(path)[0].target.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _listening(address: tuple[str, int]) -> bool:

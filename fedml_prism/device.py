@@ -14,7 +14,9 @@ against a runnable example:
   trainings, or 7 → status ``FINISHED`` and exit.
 - Client messages: ``{"client_status", "client_os": "Android", "msg_type": 5, "sender": edge,
   "receiver": 0}``; ``{"model_params": <S3 key>, "client_idx": "<str>", "num_samples": n,
-  "msg_type": 3, "sender": edge, "receiver": 0}``. Uploaded keys: ``<download topic>-<32 hex>``.
+  "msg_type": 3, "sender": edge, "receiver": 0}``. Uploaded keys: ``<download topic>-<32 hex>``
+  (the SDK's ``topic + "-" + UUID``), the only keys the server accepts from this edge
+  (:func:`fedml_prism.cross_device.upload_key_pattern`); uploads carry no ACL (private objects).
 - Training: :func:`fedml_prism.mnn_export.train_graph` (MNN's Python training API, as the SDK's
   ``FedMLMNNTrainer.cpp``: SGD momentum 0.1, no weight decay, ``learning_rate``/``epochs``/
   ``batch_size`` from ``train_args``), on the data partition ``client_idx`` of the job's dataset.
@@ -105,11 +107,16 @@ class ReferenceDevice:
         self.last_message_at = time.time()
         try:
             payload = json.loads(msg.payload.decode())
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            log.warning("device %d: ignored a message that is not JSON on %s", self.edge_id, msg.topic)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            payload = None
+        if not isinstance(payload, dict):
+            log.warning("device %d: ignored a message that is not a JSON object on %s", self.edge_id, msg.topic)
             return
         if msg.topic.endswith("/start_train"):
-            self._start_train(payload)
+            try:
+                self._start_train(payload)
+            except (TypeError, ValueError, AttributeError) as err:  # a malformed announcement: keep listening
+                log.warning("device %d: ignored a start_train message: %s: %s", self.edge_id, type(err).__name__, err)
         elif msg.topic.endswith("/stop_train"):
             self.jobs.put(("finish", None))
         elif msg.topic == self.run_topic:
@@ -148,13 +155,22 @@ class ReferenceDevice:
                                   self.idle_timeout_s)
                         return 3
                     continue
-                if kind == "finish" or not self._handle(payload):
+                if kind == "finish" or not self._handle_safely(payload):
                     self._status("FINISHED")
                     log.info("device %d: FINISHED after %d rounds", self.edge_id, self.rounds_trained)
                     return 0
         finally:
             self.client.loop_stop()
             self.client.disconnect()
+
+    def _handle_safely(self, message: Any) -> bool:
+        """:meth:`_handle`; a message that cannot be served (malformed, or its model unreachable) is
+        logged and skipped: the server's round deadline covers the missing model."""
+        try:
+            return self._handle(message)
+        except Exception as err:  # noqa: BLE001 - anyone on the broker may publish on the run topic
+            log.warning("device %d: skipped a server message: %s: %s", self.edge_id, type(err).__name__, err)
+            return True
 
     def _handle(self, message: dict[str, Any]) -> bool:
         """Serve one server message; ``False`` when the run is over for this device."""
@@ -186,8 +202,8 @@ class ReferenceDevice:
         batches = [(x[order[i:i + bs]], y[order[i:i + bs]]) for i in range(0, len(y), bs)]
         samples, loss = train_graph(path, batches, self.num_classes, float(train.get("learning_rate", 0.01)),
                                     epochs=int(train.get("epochs", 1)))
-        upload_key = os.path.basename(path)
-        self.s3.upload_file(path, self.bucket, upload_key)
+        upload_key = os.path.basename(path)  # <download topic>-<32 hex digits>, as the SDK names it
+        self.s3.upload_file(path, self.bucket, upload_key)  # no ExtraArgs: no ACL, a private object
         self._publish({"model_params": upload_key, "client_idx": str(client_idx), "num_samples": samples,
                        "msg_type": MSG_MODEL, "sender": self.edge_id, "receiver": 0})
         self.rounds_trained += 1

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from ._fedml_import import silence_fedml_import_warnings
 from .config import PrismConfig
 from .runner import read_config
-from .server import PrismClient, PrismServer, RunSettings, unpack_bundle
+from .server import PrismClient, PrismServer, RunSettings, assign_to_workers, unpack_bundle
 
 silence_fedml_import_warnings()
 from fedml.core import ClientTrainer, Context, ServerAggregator  # noqa: E402  (after the warnings filter)
@@ -242,6 +242,22 @@ class PrismServerAggregator(ServerAggregator):
         device = getattr(self.args, "device", None)
         if device is not None:
             self.server.device = device
+
+    def bundle_problem(self, worker: int, bundle: Mapping[str, Any]) -> str | None:
+        """Why worker ``worker``'s (index into FedML's worker list) upload cannot be this round's (None: it
+        can): each PriSM client is bound to the worker the server sent it to, so a worker cannot submit
+        another worker's client first and get the honest update rejected."""
+        if self.server.finished:
+            return None
+        try:
+            clients = set(unpack_bundle(bundle))
+        except (ValueError, AttributeError, TypeError) as err:
+            return f"malformed bundle: {err}"
+        groups = assign_to_workers(self.server.selected, self.workers)
+        allowed = set(groups[worker]) if 0 <= worker < len(groups) else set()
+        if foreign := sorted(clients - allowed):
+            return f"it holds client(s) {foreign}, which were not sent to this worker"
+        return None
 
     def test(self, test_data: Any, device: Any, args: Any) -> dict[str, float]:
         row = self.server.metrics[-1] if self.server.metrics else {}

@@ -25,6 +25,9 @@ MNN's graph parameters have no names and come back in graph order, so :func:`exp
 converts a *probe* copy of the same graph whose tensors hold distinct random values and matches
 MNN's parameters to state-dict keys by value; the map is cached per architecture (ranks and shapes).
 
+A trained graph comes back from a device: :func:`read_trained` has it parsed by a child process
+with a time and memory limit (:mod:`fedml_prism.mnn_sandbox`) and gets plain float32 arrays back.
+
 ``MNN`` is imported on first use (``pip install MNN``; 3.x). ``MNN.tools`` is never imported: its
 usage logger runs ``pip install aliyun-log-python-sdk`` and posts to a remote log service at import
 (``MNN/tools/utils/log.py``); the converter is called through ``_tools.mnnconvert`` directly.
@@ -46,10 +49,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import PrincipalConv2d, PrincipalLayer, PrincipalLinear
+from .mnn_sandbox import INPUT, OUTPUT, ParseLimits, graph_module, read_isolated
 
 log = logging.getLogger("fedml_prism")
 
-INPUT, OUTPUT = "data", "prob"  # the names the Android SDK's trainer gives the graph it saves
 V_BIAS = ".v_bias"
 OPSET = 13
 
@@ -258,22 +261,14 @@ def _stdout_to_log():
 
 # ---------------------------------------------------------------------------------- graphs
 def load_module(path: str, for_training: bool = True):
-    """An MNN module from a graph file, with its parameters exposed.
+    """An MNN module from a graph file the server made, with its parameters exposed (in this process:
+    uploaded graphs are read by :func:`read_trained`, in a child process).
 
     Workaround for FedML 0.9.6 ``cross_device/server_mnn/utils.py:18`` (``load_module(..., False)``):
     under MNN 3.x a module loaded with ``for_training=False`` has no parameters, so FedML reads and
     writes none. Input: the graph's only input (or ``data``); output: ``prob`` (or the only output).
     """
-    mnn = _mnn()
-    expr = mnn.expr
-    var_map = expr.load_as_dict(path)
-    inputs, outputs = expr.get_inputs_and_outputs(var_map)
-    inp = inputs.get(INPUT) or (next(iter(inputs.values())) if len(inputs) == 1 else None)
-    out = outputs.get(OUTPUT) or (next(iter(outputs.values())) if len(outputs) == 1 else None)
-    if inp is None or out is None:
-        raise ValueError(f"{path}: expected one input and an output named {OUTPUT!r}; "
-                         f"inputs {sorted(inputs)}, outputs {sorted(outputs)[:5]}")
-    return mnn.nn.load_module([inp], [out], for_training)
+    return graph_module(_mnn(), path, for_training)
 
 
 def read_parameters(path: str) -> list:
@@ -348,17 +343,22 @@ class MnnExporter:
         return keys
 
 
-def read_trained(path: str, graph: MnnGraph, sent: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
+def read_trained(path: str, graph: MnnGraph, sent: Mapping[str, Tensor],
+                 limits: ParseLimits | None = None) -> OrderedDict[str, Tensor]:
     """The ``up`` payload of a trained copy of ``graph``: ``sent`` (the sub-model's ``up`` payload as
-    sent) with every parameter the device trained replaced by its trained value."""
-    params = read_parameters(path)
-    if len(params) != len(graph.keys):
-        raise ValueError(f"{path}: {len(params)} parameters, the graph sent had {len(graph.keys)}")
+    sent) with every parameter the device trained replaced by its trained value.
+
+    The file is a device's upload: it is parsed in a child process with ``limits``
+    (:func:`~fedml_prism.mnn_sandbox.read_isolated`). ``ValueError`` (an
+    :class:`~fedml_prism.mnn_sandbox.UnreadableGraph` for parser failures) names what is wrong: another
+    number of parameters or of values than the graph sent, or non-finite values."""
+    params = read_isolated(path, [tuple(graph.shapes[k]) for k in graph.keys], limits)
     values: dict[str, Tensor] = {}
     for key, arr in zip(graph.keys, params, strict=True):
-        if arr.size != graph.shapes[key].numel():
-            raise ValueError(f"{path}: parameter {key} has {arr.size} values, expected {graph.shapes[key].numel()}")
-        values[key[len("net."):]] = torch.from_numpy(arr).reshape(graph.shapes[key])
+        value = torch.from_numpy(arr).reshape(graph.shapes[key])
+        if not torch.isfinite(value).all():
+            raise ValueError(f"parameter {key[len('net.'):]!r} has non-finite values")
+        values[key[len("net."):]] = value
     for name, has_bias in graph.principal.items():
         v_bias = values.pop(name + V_BIAS)
         if has_bias:  # U σ (V x + v_b) + b  =  U σ V x + (b + U σ v_b)

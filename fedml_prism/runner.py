@@ -25,6 +25,8 @@ from .config import STRATEGIES, PrismConfig
 from .data import PARTITIONS, FederatedData, load_federated
 from .decompose import little_saving_warning
 from .models import check_init_scheme, create_model
+from .security import KEYS as SECURITY_KEYS
+from .security import SecuritySettings, scrub_logs, secret_values
 from .server import RunSettings
 
 log = logging.getLogger("fedml_prism")
@@ -85,6 +87,9 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
             continue
         flat.update(section)
     prism = PrismConfig.from_mapping(sections.get("prism_args", {}))
+    unknown = sorted(set(sections.get("security_args") or {}) - set(SECURITY_KEYS))
+    if unknown:
+        raise ValueError(f"security_args has unknown key(s) {unknown}: allowed keys are {list(SECURITY_KEYS)}")
     flat.setdefault("random_seed", prism.seed)
     training_type = flat.get("training_type", "simulation")
     backend = flat.get("backend", "sp")
@@ -125,6 +130,8 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
         from .cross_device import validate
 
         validate(job)
+    if training_type != "simulation":
+        SecuritySettings.from_flat(flat, os.path.dirname(job.path), rank=0)  # files and values, before any work
     return job
 
 
@@ -153,6 +160,7 @@ def _setup_logging() -> None:
 def main(cli: argparse.Namespace) -> int:
     _setup_logging()
     job = build_job(cli.cf, cli.output_dir)
+    scrub_logs(secret_values(job.flat))  # FedML logs args.__dict__, broker and S3 credentials included
     if warning := little_saving_warning(create_model(job.model, **job.model_kwargs), job.prism):
         log.warning(warning)
     if getattr(cli, "role", None) == "device" and job.training_type != "cross_device":

@@ -11,6 +11,11 @@ protocol and classes, and adds:
   that round (a late upload of an old round is rejected by the aggregator's checks);
 - a start deadline (workers that never come online) and a finish deadline (dead workers never report
   FINISHED);
+- PriSM's own transports for gRPC and MQTT_S3 (:mod:`fedml_prism.transport`: no pickle, checked
+  frames), and checks on every upload before FedML's handler sees it: a known sender, the round and
+  session the server sent (no stale or replayed round), a bundle holding only the PriSM clients this
+  server gave that worker; a message that still makes a handler fail is logged and dropped, never
+  raised out of the server loop;
 - resume (``start_round``): a server restarted from its checkpoint after round k starts FedML's round
   counter at k, so it plays rounds k+1..``comm_round``. Its workers are fresh processes whose FedML
   round counters start at 0: after the last round they do not know the run is over, answer the
@@ -25,10 +30,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 from ._fedml_import import silence_fedml_import_warnings
 from .server import Deadline
+from .transport import SAFE_BACKENDS
+from .wire import WIRE_ROUND, WIRE_SESSION
 
 silence_fedml_import_warnings()
 from fedml.core.distributed.communication.message import Message  # noqa: E402  (after the warnings filter)
@@ -53,6 +61,48 @@ class PrismServerManager(FedMLServerManager):
         self.deadline = Deadline()
         self._finishing = False
 
+    # ------------------------------------------------------------------ safe transports, checked uploads
+    def _init_manager(self) -> None:
+        if self.backend not in SAFE_BACKENDS:
+            super()._init_manager()
+            return
+        from .transport import make_comm_manager
+
+        self.com_manager = make_comm_manager(self.args, self.rank, self.size, self.backend, round_of=self._prism_round)
+        self.com_manager.add_observer(self)
+
+    def _prism_round(self) -> int:
+        """The PriSM round the server is collecting (stamped on what it sends; uploads must echo it)."""
+        server = getattr(getattr(getattr(self, "aggregator", None), "aggregator", None), "server", None)
+        return int(server.round_idx) if server is not None else int(getattr(self.args, "round_idx", 0))
+
+    def receive_message(self, msg_type: Any, msg_params: Any) -> None:
+        try:
+            super().receive_message(msg_type, msg_params)
+        except Exception as err:  # noqa: BLE001 - nothing a peer sends may end the server loop
+            log.exception("dropped a message of type %r from %r: %s: %s", msg_type,
+                          _safe(msg_params.get(MyMessage.MSG_ARG_KEY_SENDER)), type(err).__name__, err)
+
+    def _upload_problem(self, msg_params: Any) -> str | None:
+        """Why an upload from a peer is rejected (None: accept)."""
+        sender = msg_params.get(MyMessage.MSG_ARG_KEY_SENDER)
+        if isinstance(sender, bool) or not isinstance(sender, int) or sender not in self.client_real_ids:
+            return f"unknown sender {_safe(sender)}"
+        if msg_params.get(WIRE_ROUND) is not None:  # came over a safe transport
+            session = getattr(getattr(self.com_manager, "codec", None), "session", None)
+            if msg_params.get(WIRE_SESSION) != session:
+                return "its session is not this server's (an upload to an earlier server process)"
+            sent, now = msg_params.get(WIRE_ROUND), self._prism_round()
+            if sent != now:
+                return f"it is for round {sent + 1}, not round {now + 1} (stale or replayed)"
+        params = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
+        if not isinstance(params, Mapping):
+            return f"its model_params are a {type(params).__name__}, not a mapping of tensors"
+        check = getattr(self.aggregator.aggregator, "bundle_problem", None)
+        if check is not None:
+            return check(self.client_real_ids.index(sender), params)
+        return None
+
     # ------------------------------------------------------------------ sends never raise
     def send_message(self, message: Message) -> None:
         receiver = int(message.get_receiver_id())
@@ -67,6 +117,16 @@ class PrismServerManager(FedMLServerManager):
             self.dead.add(receiver)
 
     # ------------------------------------------------------------------ rounds with deadlines
+    def process_online_status(self, client_status: Any, msg_params: Any) -> None:
+        """FedML answers every ONLINE status with the whole init round (new bundles to every worker,
+        the round deadline re-armed), even mid-run: a peer repeating ONLINE would keep any round from
+        closing. After the start, ONLINE only marks the worker online."""
+        with self._lock:
+            if self.is_initialized:
+                self.client_online_mapping[str(msg_params.get_sender_id())] = True
+                return
+            super().process_online_status(client_status, msg_params)
+
     def handle_message_connection_ready(self, msg_params: Any) -> None:
         super().handle_message_connection_ready(msg_params)
         self.deadline.arm(self._start_deadline, self.start_timeout_s)
@@ -78,6 +138,10 @@ class PrismServerManager(FedMLServerManager):
 
     def handle_message_receive_model_from_client(self, msg_params: Any) -> None:
         with self._lock:
+            if (problem := self._upload_problem(msg_params)) is not None:
+                log.warning("round %d: rejected an upload from worker %s: %s", self._prism_round() + 1,
+                            _safe(msg_params.get(MyMessage.MSG_ARG_KEY_SENDER)), problem)
+                return
             if self.args.round_idx >= self.round_num:
                 self._release(int(msg_params.get(MyMessage.MSG_ARG_KEY_SENDER)))
                 return
@@ -156,3 +220,9 @@ class PrismServerManager(FedMLServerManager):
     def _finish_deadline(self) -> None:
         with self._lock:
             self._maybe_finish(force=True)
+
+
+def _safe(value: Any) -> str:
+    """A peer-sent value for a log line: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -179,3 +179,67 @@ def start_grpc_parties(cfg: Path, out: Path, tmp: Path, workers: int, *extra: st
     clients = [start([*cli, "--rank", str(r), "--role", "client"], tmp, f"client{r}{tag}.log")
                for r in range(1, workers + 1)]
     return server, clients
+
+
+def assert_same_as_sp(tmp: Path, out_dir: Path, **sections: dict[str, Any]) -> None:
+    """The job of ``sections`` run in-process (sp) reaches the same global model and accuracies as the
+    distributed run whose output is ``out_dir``: the transport moves tensors exactly."""
+    sp_cfg = write_config(tmp / "sp_reference.yaml", **sections)
+    cmd = [str(BIN / "fedml-prism"), "run", "--cf", str(sp_cfg), "--output-dir", str(tmp / "sp_reference")]
+    run(cmd, tmp, "sp_reference.log", timeout=180)
+    sp, dist = final_state(tmp / "sp_reference"), final_state(out_dir)
+    assert sp.keys() == dist.keys()
+    for key in sp:
+        assert torch.allclose(sp[key], dist[key], atol=1e-5), f"sp and {out_dir.name} differ at {key}"
+    sp_acc = [r["test_acc"] for r in metrics(tmp / "sp_reference")]
+    dist_acc = [r["test_acc"] for r in metrics(out_dir)]
+    assert len(sp_acc) == len(dist_acc) and all(abs(a - b) <= 1e-3 for a, b in zip(sp_acc, dist_acc, strict=True))
+
+
+def mosquitto_path() -> str:
+    """The mosquitto binary (and moto_server for the local S3 endpoint), or a clear failure."""
+    import shutil
+
+    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    assert path, "mosquitto missing: .ci/run installs it (apt-get install mosquitto)"
+    assert (BIN / "moto_server").exists(), "moto_server missing: pip install 'moto[server]'"
+    return path
+
+
+def start_broker_and_s3(tmp: Path, mqtt_port: int, s3_port: int,
+                        broker_args: list[str] | None = None) -> tuple[list[subprocess.Popen], Any]:
+    """mosquitto (``-p mqtt_port``, or ``broker_args``) and moto_server on ``s3_port``, with the bucket
+    ``fedml-prism`` made. Returns the processes (stop them with :func:`stop`) and a boto3 S3 client."""
+    import boto3
+
+    procs = [start([mosquitto_path(), *(broker_args or ["-p", str(mqtt_port)])], tmp, "mosquitto.log"),
+             start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], tmp, "s3.log")]
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}", aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+
+    def bucket_made() -> bool:
+        try:
+            s3.create_bucket(Bucket="fedml-prism")
+            return True
+        except Exception:  # noqa: BLE001 - the endpoint is not up yet
+            return False
+
+    try:
+        wait_for(bucket_made, 60, "the local S3 endpoint")
+    except BaseException:
+        for p in procs:
+            stop(p)
+        raise
+    return procs, s3
+
+
+def run_grpc_job(cfg: Path, out: Path, tmp: Path, workers: int) -> None:
+    """A whole gRPC job (server, then ``workers`` workers): every party must exit 0."""
+    server, clients = start_grpc(cfg, out, tmp, workers=workers)
+    try:
+        assert server.wait(timeout=150) == 0, (tmp / "server.log").read_text()[-3000:]
+        for c in clients:
+            assert c.wait(timeout=30) == 0
+    finally:
+        for p in [server, *clients]:
+            stop(p)

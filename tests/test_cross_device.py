@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -13,18 +12,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from runtime_utils import BIN, MODEL_KWARGS, final_state, free_ports, initial_state, metrics, start, stop, wait_for, write_config
+from runtime_utils import (
+    BIN,
+    MODEL_KWARGS,
+    final_state,
+    free_ports,
+    initial_state,
+    metrics,
+    mosquitto_path,
+    start,
+    start_broker_and_s3,
+    stop,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _mosquitto() -> str:
-    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    assert path, "mosquitto missing: .ci/run installs it (apt-get install mosquitto)"
-    assert (BIN / "moto_server").exists(), "moto_server missing: pip install 'moto[server]'"
-    return path
 
 
 def _config(tmp: Path, mqtt_port: int, s3_port: int, round_timeout_s: float = 60, **train: object) -> Path:
@@ -60,7 +65,7 @@ def _check_run(out: Path, rounds: int, devices_per_round: list[int]) -> None:
 
 
 def test_server_and_three_reference_devices_two_rounds(tmp_path) -> None:
-    _mosquitto()
+    mosquitto_path()
     mqtt_port, s3_port = free_ports(2)
     cfg = _config(tmp_path, mqtt_port, s3_port)
     proc = start(["bash", str(ROOT / "run" / "cross_device.sh"), str(cfg), "3", "200"], tmp_path, "cd.log",
@@ -84,26 +89,12 @@ def test_device_lost_mid_round_does_not_hang_the_server(tmp_path, how) -> None:
     """killed: the connection drops and the broker publishes the device's last will. stalled (SIGSTOP
     until round 1's deadline has passed, then SIGCONT): the device stays connected but silent, the round
     deadline closes round 1 without it, and the model it uploads late is not taken for round 2's."""
-    mosquitto = _mosquitto()
+    mosquitto_path()
     mqtt_port, s3_port = free_ports(2)
     # long enough local training to hit a device in it; healthy devices need ~5 s per round here
     cfg = _config(tmp_path, mqtt_port, s3_port, round_timeout_s=60 if how == "killed" else 15, epochs=25)
-    procs = [start([mosquitto, "-p", str(mqtt_port)], tmp_path, "mosquitto.log"),
-             start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], tmp_path, "s3.log")]
+    procs, _ = start_broker_and_s3(tmp_path, mqtt_port, s3_port)
     try:
-        import boto3
-
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}", aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
-
-        def bucket_made() -> bool:
-            try:
-                s3.create_bucket(Bucket="fedml-prism")
-                return True
-            except Exception:  # noqa: BLE001 - the endpoint is not up yet
-                return False
-
-        wait_for(bucket_made, 60, "the local S3 endpoint")
         cmd = [str(BIN / "fedml-prism"), "run", "--cf", str(cfg)]
         server = start([*cmd, "--role", "server", "--run_id", "77"], tmp_path, "server.log")
         procs.append(server)
@@ -144,7 +135,7 @@ def test_device_lost_mid_round_does_not_hang_the_server(tmp_path, how) -> None:
 def test_device_exits_after_client_idle_timeout_without_a_server(tmp_path) -> None:
     """A device connected to the broker but never addressed by a server gives up after
     ``client_idle_timeout_s`` with exit code 3 (instead of waiting forever), not before."""
-    mosquitto = _mosquitto()
+    mosquitto = mosquitto_path()
     mqtt_port, s3_port = free_ports(2)
     cfg = _config(tmp_path, mqtt_port, s3_port)
     sections = yaml.safe_load(cfg.read_text())

@@ -106,3 +106,23 @@ def test_honest_round_is_unaffected(tmp_path) -> None:
     server, client = _job(tmp_path)
     row = _close(server, _round(server, client))
     assert row["clients"] == 3 and row["rejected"] == 0
+
+
+def test_each_prism_client_is_bound_to_the_worker_it_was_sent_to(tmp_path) -> None:
+    """A worker cannot submit another worker's client first (and get the honest update rejected as a
+    duplicate): the aggregator's ``bundle_problem`` refuses a bundle holding clients not sent to it."""
+    from types import SimpleNamespace
+
+    from fedml_prism.fedml_glue import PrismServerAggregator
+
+    server, client = _job(tmp_path)
+    agg = PrismServerAggregator(server.pm.dense_model(), SimpleNamespace(), server, workers=3)
+    bundles = agg.get_model_params()
+    uploads = {w: client.train_bundle(b) for w, b in bundles.items()}
+    for w, up in uploads.items():
+        assert agg.bundle_problem(w, up) is None
+    stolen = uploads[1]
+    problem = agg.bundle_problem(0, stolen)
+    assert problem is not None and "not sent to this worker" in problem
+    assert "not sent to this worker" in agg.bundle_problem(7, uploads[0])  # no such worker
+    assert "malformed bundle" in agg.bundle_problem(0, {"evil": torch.zeros(1)})

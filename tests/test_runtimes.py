@@ -15,12 +15,14 @@ import torch
 from runtime_utils import (
     BIN,
     assert_prism_ran,
+    assert_same_as_sp,
     env_for,
     final_state,
     free_ports,
     grpc_config,
     metrics,
     run,
+    run_grpc_job,
     start,
     start_grpc,
     stop,
@@ -89,22 +91,19 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path) -> None:
 
 
 def test_grpc_server_and_two_client_processes(tmp_path) -> None:
-    cfg = grpc_config(tmp_path, workers=2, train_args={"client_num_per_round": 6})
+    cfg = grpc_config(tmp_path, workers=2, train_args={"client_num_per_round": 6},
+                      prism_args={"optimizer_state": "aggregate"})
     made = set(os.listdir(tmp_path))
-    server, clients = start_grpc(cfg, tmp_path / "out", tmp_path, workers=2)
-    try:
-        assert server.wait(timeout=150) == 0, (tmp_path / "server.log").read_text()[-3000:]
-        for c in clients:
-            assert c.wait(timeout=30) == 0
-    finally:
-        for p in [server, *clients]:
-            stop(p)
+    run_grpc_job(cfg, tmp_path / "out", tmp_path, workers=2)
     assert_prism_ran(tmp_path / "out", rounds=2, clients=6)
     # fedml.init ran in all three processes (cwd tmp_path, HOME tmp_path): its working directory is
     # OUTPUT_DIR/fedml, and it left nothing in the cwd but our logs and its ~/.fedml
     assert (tmp_path / "out" / "fedml").is_dir()
     left = set(os.listdir(tmp_path)) - made - {"out", "server.log", "client1.log", "client2.log", ".fedml"}
     assert not left, f"FedML wrote {sorted(left)} into the working directory"
+    # the safe wire format moves every tensor (momentum included) exactly: the same model as sp
+    assert_same_as_sp(tmp_path, tmp_path / "out", train_args={"client_num_per_round": 6},
+                      prism_args={"optimizer_state": "aggregate"})
 
 
 def test_fedml_init_puts_fedml_logs_under_the_output_dir(tmp_path) -> None:
@@ -179,6 +178,7 @@ def test_mqtt_s3_with_mosquitto_and_local_s3(tmp_path) -> None:
     log = (tmp_path / "mqtt.log").read_text()
     assert log.count("FINISHED delivered") == 2 and "did not report FINISHED" not in log
     assert_prism_ran(tmp_path / "out", rounds=2, clients=6)
+    assert_same_as_sp(tmp_path, tmp_path / "out", train_args={"client_num_per_round": 6})
 
 
 def test_octopus_packages_build_offline_and_run_the_job(tmp_path) -> None:

@@ -1,0 +1,502 @@
+"""PriSM's MQTT_S3 transport: FedML's topics and S3 side channel, carrying checked frames instead of pickles.
+
+FedML 0.9.6's ``MqttS3MultiClientsCommManager`` pickles model objects into S3 and unpickles the object
+any JSON message names (``s3/remote_storage.py:read_model``: any key, downloaded to a local path built
+from that key, then ``pickle.load``), takes the sender from the message body, and logs
+``args.__dict__`` (broker and S3 credentials included). ``PrismMqttS3CommManager`` keeps FedML's topics
+and message protocol and changes what travels and what is believed:
+
+- topics (FedML's): the server publishes to worker ``w`` on ``fedml_<run>_0_<w>`` and listens on
+  ``fedml_<run>_<w>``; worker ``w`` the other way round. The sender of a message is the topic it came
+  on, never a field of it;
+- every message is a :mod:`fedml_prism.wire` frame. A frame without tensors of at most
+  ``INLINE_MAX_BYTES`` is the MQTT payload itself; any other frame is put in S3 as one object
+  (``put_object`` without an ACL: private to the bucket's owner) under ``fedml_<run>_<sender>_<32 hex>``
+  (a fresh uuid4), announced on the topic by ``{"key": ..., "size": ..., "sha256": ...}``;
+- a receiver takes an announcement only for a key of exactly that form with the topic's sender (no
+  path, no other party's objects), checks the object's size (``head_object``) against
+  ``max_message_mb`` before reading it, reads it into memory with that cap (no file is written),
+  checks the announced size and SHA-256, then decodes the frame (size, run, receiver, sender == topic
+  sender, HMAC, digest, replay). Every rejection is logged (``rejected an MQTT_S3 message on <topic>:
+  <reason>``) and dropped: nothing raises out of the MQTT client's callback;
+- an object whose frame was accepted is deleted at once (FedML never deletes: its bucket keeps every
+  model ever sent). A rejected object is left alone: whoever announced it need not be who wrote it, and
+  deleting on its word would let any publisher on the topic destroy honest messages;
+- the broker: credentials (``MQTT_USER`` / ``MQTT_PWD``) and TLS (``MQTT_TLS_CA``; ``MQTT_TLS_CERT`` /
+  ``MQTT_TLS_KEY`` for a client certificate; ``{rank}`` is replaced, relative paths are from the job's
+  yaml) in ``customized_training_mqtt_config``. A refused, unreachable or untrusted broker ends the party
+  with an error naming the cause within ``MQTT_CONNECT_TIMEOUT_S`` (FedML's client retries forever).
+
+What this cannot do: anyone who may publish on a party's topic or write to the bucket can delay or drop
+that party's messages (and a broker passes MQTT payloads of any size before a client sees them). With
+authentication on they cannot forge or alter one. Restrict topics with broker ACLs, the bucket with its
+policy, and MQTT payload sizes with the broker's ``max_packet_size``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import yaml
+
+from ._fedml_import import silence_fedml_import_warnings
+from .security import SecuritySettings
+from .wire import MAGIC, MODEL_PARAMS, FrameCodec, WireError
+
+silence_fedml_import_warnings()
+from fedml.core.distributed.communication.base_com_manager import BaseCommunicationManager  # noqa: E402
+from fedml.core.distributed.communication.constants import CommunicationConstants  # noqa: E402
+from fedml.core.distributed.communication.message import Message  # noqa: E402
+from fedml.core.distributed.communication.observer import Observer  # noqa: E402
+
+log = logging.getLogger("fedml_prism")
+
+SERVER_ID = 0
+INLINE_MAX_BYTES = 64 * 1024
+ANNOUNCEMENT_MAX_BYTES = 1024
+READ_CHUNK = 1 << 20
+RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+MQTT_SECTION = "customized_training_mqtt_config"
+S3_SECTION = "customized_training_s3_config"
+
+
+class BrokerError(ValueError):
+    """The MQTT broker cannot be used (unreachable, refused, TLS failed); the message says why and what to check."""
+
+
+class Rejected(Exception):
+    """A message this party drops; the message says why."""
+
+
+# ------------------------------------------------------------------------------ configuration
+def config_section(args: Any, name: str) -> dict[str, Any]:
+    """``customized_training_{mqtt,s3}_config``: a mapping in the yaml, or the path of a yaml file holding one.
+    FedML falls back to its cloud's settings when it is missing; PriSM does not."""
+    value = getattr(args, name, None)
+    if isinstance(value, str) and value:
+        try:
+            with open(value) as f:
+                value = yaml.safe_load(f)
+        except OSError as err:
+            raise ValueError(f"{name}={value!r} is invalid: {err.strerror}") from None
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"{name} is invalid ({type(value).__name__}): backend MQTT_S3 needs its mapping in comm_args "
+                         "(see config/mqtt_s3/fedml_config.yaml)")
+    return dict(value)
+
+
+def _text(config: Mapping[str, Any], section: str, key: str, required: bool = False) -> str | None:
+    value = config.get(key)
+    if value in (None, ""):
+        if required:
+            raise ValueError(f"{section}.{key} is missing: allowed a non-empty string")
+        return None
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise ValueError(f"{section}.{key} ({type(value).__name__}) is invalid: allowed a string")
+    return str(value)
+
+
+def _number(config: Mapping[str, Any], section: str, key: str, default: float, low: float, high: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ValueError(f"{section}.{key}={value!r} is invalid: allowed a number in [{low:g}, {high:g}]")
+    return value
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where and how to reach the MQTT broker (``customized_training_mqtt_config``)."""
+
+    host: str
+    port: int
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    keepalive: int = 180
+    tls: bool = False
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    connect_timeout_s: float = 30.0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], base_dir: str, rank: int) -> BrokerSettings:
+        s = MQTT_SECTION
+        host = _text(config, s, "BROKER_HOST", required=True)
+        port = int(_number(config, s, "BROKER_PORT", 1883, 1, 65535))
+        keepalive = int(_number(config, s, "MQTT_KEEPALIVE", 180, 5, 65535))
+        timeout = float(_number(config, s, "MQTT_CONNECT_TIMEOUT_S", 30.0, 1, 3600))
+        user, password = _text(config, s, "MQTT_USER"), _text(config, s, "MQTT_PWD")
+        if password is not None and user is None:
+            raise ValueError(f"{s}.MQTT_PWD is set but MQTT_USER is not: allowed both or neither")
+
+        def path(key: str) -> str | None:
+            value = _text(config, s, key)
+            if value is None:
+                return None
+            full = value.replace("{rank}", str(rank))
+            full = full if os.path.isabs(full) else os.path.join(base_dir, full)
+            if not os.path.isfile(full):
+                raise ValueError(f"{s}.{key}={value!r} is invalid: {full} does not exist")
+            return full
+
+        ca, cert, key = path("MQTT_TLS_CA"), path("MQTT_TLS_CERT"), path("MQTT_TLS_KEY")
+        if (cert is None) != (key is None):
+            raise ValueError(f"{s}.MQTT_TLS_CERT and MQTT_TLS_KEY are invalid: allowed both set (a client certificate) "
+                             "or both unset")
+        tls_flag = config.get("MQTT_TLS", False)
+        if not isinstance(tls_flag, bool):
+            raise ValueError(f"{s}.MQTT_TLS={tls_flag!r} is invalid: allowed true or false")
+        tls = tls_flag or ca is not None or cert is not None
+        return cls(host, port, user, password, keepalive, tls, ca, cert, key, timeout)
+
+    def configure(self, client: mqtt.Client) -> None:
+        """Credentials and TLS on a paho client (before it connects)."""
+        if self.user is not None:
+            client.username_pw_set(self.user, self.password)
+        if self.tls:
+            client.tls_set(ca_certs=self.ca, certfile=self.cert, keyfile=self.key, cert_reqs=ssl.CERT_REQUIRED)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """The bucket messages with tensors go through (``customized_training_s3_config``, FedML's keys)."""
+
+    bucket: str
+    endpoint: str | None = None
+    region: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> S3Settings:
+        s = S3_SECTION
+        return cls(_text(config, s, "BUCKET_NAME", required=True), _text(config, s, "CN_S3_ENDPOINT"),
+                   _text(config, s, "CN_REGION_NAME"), _text(config, s, "CN_S3_AKI"), _text(config, s, "CN_S3_SAK"))
+
+    def client(self) -> Any:
+        """A boto3 S3 client (no credentials given: boto3's usual chain, e.g. an instance role)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key,
+                            config=Config(signature_version="s3v4", connect_timeout=10, read_timeout=120,
+                                          retries={"max_attempts": 3}))
+
+
+def _job_dir(args: Any) -> str:
+    path = getattr(args, "yaml_config_file", None) or ""
+    return os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+
+
+def connect(client: mqtt.Client, broker: BrokerSettings, connack: Callable[[], int | None]) -> None:
+    """Connect ``client`` and wait for the broker's answer (``connack()``: its code once ``on_connect`` ran).
+    ``BrokerError`` naming the cause when the broker is unreachable for ``connect_timeout_s``, refuses
+    (credentials), or TLS fails; a refusal or a TLS failure is final at once."""
+    deadline = time.monotonic() + broker.connect_timeout_s
+    hint = "check BROKER_HOST / BROKER_PORT and that the broker runs"
+    while True:
+        try:
+            client.connect(broker.host, broker.port, broker.keepalive)
+            break
+        except (ssl.SSLError, ssl.CertificateError) as err:
+            raise BrokerError(f"TLS with the MQTT broker {broker.address} failed: {err} (check MQTT_TLS_CA, "
+                              "MQTT_TLS_CERT, MQTT_TLS_KEY and the broker's certificate)") from None
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"no MQTT broker at {broker.address} within {broker.connect_timeout_s:.0f} s "
+                                  f"(MQTT_CONNECT_TIMEOUT_S): {err} ({hint})") from None
+            time.sleep(0.5)
+    while connack() is None:
+        if time.monotonic() > deadline:
+            raise BrokerError(f"the MQTT broker {broker.address} did not answer within {broker.connect_timeout_s:.0f} s "
+                              f"(MQTT_CONNECT_TIMEOUT_S) ({hint})")
+        rc = client.loop(timeout=0.2)
+        if rc != mqtt.MQTT_ERR_SUCCESS and connack() is None:
+            raise BrokerError(f"the MQTT broker {broker.address} closed the connection before accepting it "
+                              f"({mqtt.error_string(rc)}): check MQTT_USER / MQTT_PWD and the TLS settings")
+    code = connack()
+    if code != 0:
+        client.disconnect()
+        raise BrokerError(f"the MQTT broker {broker.address} refused the connection: {mqtt.connack_string(code)} "
+                          f"(check MQTT_USER / MQTT_PWD in {MQTT_SECTION})")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+# ------------------------------------------------------------------------------ the communication manager
+class PrismMqttS3CommManager(BaseCommunicationManager):
+    """FedML's MQTT_S3 communication manager for party ``rank`` of a job with ``size`` workers, carrying
+    :mod:`fedml_prism.wire` frames (see the module doc). Attributes FedML's and PriSM's managers read:
+    ``codec``, ``_topic``, ``topic``, ``client_id``, ``broker_host``, ``broker_port``, ``mqtt_user``,
+    ``mqtt_pwd``, ``server_id``, ``edge_id``, ``client_real_ids``, ``is_connected``."""
+
+    def __init__(self, args: Any, rank: int, size: int, codec: FrameCodec, security: SecuritySettings) -> None:
+        self.args, self.rank, self.size, self.codec, self.security = args, int(rank), int(size), codec, security
+        run = str(args.run_id)
+        if not RUN_ID.fullmatch(run):
+            raise ValueError(f"run_id={run!r:.80} is invalid for MQTT_S3: allowed 1-64 letters, digits, '.', '_', '-' "
+                             "(it names MQTT topics and S3 keys)")
+        self.run_id = run
+        self.broker = BrokerSettings.from_config(config_section(args, MQTT_SECTION), _job_dir(args), self.rank)
+        self.s3_settings = S3Settings.from_config(config_section(args, S3_SECTION))
+        self.broker_host, self.broker_port = self.broker.host, self.broker.port
+        self.mqtt_user, self.mqtt_pwd = self.broker.user, self.broker.password
+        self._topic = f"fedml_{run}_"
+        self.server_id, self.edge_id = SERVER_ID, self.rank
+        self.client_real_ids = sorted(codec.peers) if self.rank == SERVER_ID else [self.rank]
+        if self.rank == SERVER_ID:
+            self._inbox = {f"{self._topic}{w}": w for w in sorted(codec.peers)}
+        else:
+            self._inbox = {f"{self._topic}{SERVER_ID}_{self.rank}": SERVER_ID}
+        self._keys = {s: re.compile(re.escape(f"{self._topic}{s}_") + "[0-9a-f]{32}") for s in self._inbox.values()}
+        self._observers: list[Observer] = []
+        self._client_id = f"FedML_CS_{run}_{self.rank}_{uuid.uuid4().hex}"
+        self._s3 = self.s3_settings.client()
+        self._warned_delete = False
+        self._ready_sent = False
+        self._stopping = False
+        self._connected_once = False
+        self._connacks: list[int] = []
+        self.is_connected = False
+        self._client = self._new_client(self._client_id)
+        will = CommunicationConstants.SERVER_TOP_LAST_WILL_MSG if self.rank == SERVER_ID \
+            else CommunicationConstants.CLIENT_TOP_LAST_WILL_MSG
+        offline = {"ID": self.edge_id, "status": CommunicationConstants.MSG_CLIENT_STATUS_OFFLINE}
+        self._client.will_set(will, json.dumps(offline), qos=2, retain=True)  # FedML's last will, unchanged
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        connect(self._client, self.broker, lambda: self._connacks[-1] if self._connacks else None)
+        log.info("party %d: MQTT broker %s, S3 bucket %s; listening on %s", self.rank, self.broker.address,
+                 self.s3_settings.bucket, ", ".join(self._inbox))
+
+    def _new_client(self, client_id: str) -> mqtt.Client:
+        client = mqtt.Client(client_id=client_id, clean_session=True)
+        client.enable_logger(logging.getLogger("fedml_prism.paho"))
+        logging.getLogger("fedml_prism.paho").setLevel(logging.WARNING)
+        self.broker.configure(client)
+        return client
+
+    # ------------------------------------------------------------------ FedML's interface
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    @property
+    def topic(self) -> str:
+        return self._topic
+
+    def add_observer(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        self._observers.remove(observer)
+
+    def handle_receive_message(self) -> None:
+        """Tell the managers the connection is ready (once: FedML's managers answer it by announcing
+        themselves), then run the MQTT loop until :meth:`stop_receive_message`."""
+        if not self._ready_sent:
+            self._ready_sent = True
+            ready = Message(CommunicationConstants.MSG_TYPE_CONNECTION_IS_READY, self.rank, self.rank)
+            self._deliver(ready, "connection")
+        self._client.loop_forever(retry_first_connection=True)
+
+    def stop_receive_message(self) -> None:
+        self._stopping = True
+        self._client.disconnect()
+
+    def send_message(self, msg: Message) -> bool:
+        """Send a FedML message as a frame: inline when small and without tensors, else through S3.
+        Raises (``WireError``, S3 or MQTT errors) when it cannot be sent; the managers handle that."""
+        topic = self._outbox(int(msg.get_receiver_id()))
+        payload = self._payload(msg)
+        info = self._client.publish(topic, payload, qos=2, retain=False)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN: queued until the reconnect
+            raise ConnectionError(f"MQTT publish on {topic} failed: {mqtt.error_string(info.rc)}")
+        return True
+
+    def send_message_blocking(self, msg: Message, timeout_s: float | None = None) -> None:
+        """Send ``msg`` on a connection of its own and return once the broker has it (QoS 2 complete): for
+        the last message before this party disconnects, which an asynchronous publish would lose.
+        ``TimeoutError`` if the broker has not taken it within ``timeout_s`` (default: the connect timeout)."""
+        topic = self._outbox(int(msg.get_receiver_id()))
+        payload = self._payload(msg)
+        timeout_s = self.broker.connect_timeout_s if timeout_s is None else timeout_s
+        acks: list[int] = []
+        client = self._new_client(f"{self._client_id}_last")
+        client.on_connect = lambda c, u, f, rc: acks.append(rc)
+        connect(client, self.broker, lambda: acks[-1] if acks else None)
+        client.loop_start()
+        try:
+            info = client.publish(topic, payload, qos=2, retain=False)
+            info.wait_for_publish(timeout=timeout_s)
+            if not info.is_published():
+                raise TimeoutError(f"the MQTT broker {self.broker.address} did not take the message on {topic} "
+                                   f"within {timeout_s:.0f} s")
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    # ------------------------------------------------------------------ sending
+    def _outbox(self, receiver: int) -> str:
+        if self.rank == SERVER_ID:
+            if receiver not in self.codec.peers:
+                raise ValueError(f"receiver {receiver} is not a worker of this job (allowed {sorted(self.codec.peers)})")
+            return f"{self._topic}{SERVER_ID}_{receiver}"
+        if receiver != SERVER_ID:
+            raise ValueError(f"receiver {receiver} is invalid: a worker sends to the server ({SERVER_ID}) only")
+        return f"{self._topic}{self.rank}"
+
+    def _payload(self, msg: Message) -> bytes:
+        frame = self.codec.encode(msg)
+        if not isinstance(msg.get(MODEL_PARAMS), Mapping) and len(frame) <= INLINE_MAX_BYTES:
+            return frame
+        key = f"{self._topic}{self.rank}_{uuid.uuid4().hex}"
+        self._s3.put_object(Bucket=self.s3_settings.bucket, Key=key, Body=frame)  # no ACL: never public
+        return json.dumps({"key": key, "size": len(frame), "sha256": hashlib.sha256(frame).hexdigest()}).encode()
+
+    # ------------------------------------------------------------------ receiving
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: int) -> None:
+        self._connacks.append(rc)
+        if rc != 0:
+            if self._connected_once:  # the first refusal is raised by connect()
+                log.warning("party %d: the MQTT broker %s refused to reconnect: %s", self.rank, self.broker.address,
+                            mqtt.connack_string(rc))
+            return
+        if self._connected_once:
+            log.info("party %d: reconnected to the MQTT broker %s", self.rank, self.broker.address)
+        self._connected_once = self.is_connected = True
+        client.subscribe([(topic, 2) for topic in self._inbox])  # again after a reconnect: the session is clean
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, rc: int) -> None:
+        self.is_connected = False
+        if rc != 0 and self._connected_once and not self._stopping:
+            log.warning("party %d: lost the MQTT broker %s (%s): reconnecting", self.rank, self.broker.address,
+                        mqtt.error_string(rc))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, mqtt_msg: Any) -> None:
+        topic = str(mqtt_msg.topic)
+        try:
+            message = self._receive(topic, mqtt_msg)
+        except (Rejected, WireError) as err:
+            log.warning("rejected an MQTT_S3 message on %s: %s", topic, err)
+            return
+        except Exception as err:  # noqa: BLE001 - S3 / parsing trouble of one message must not end the loop
+            log.warning("rejected an MQTT_S3 message on %s: %s: %s", topic, type(err).__name__, err)
+            return
+        self._deliver(message, topic)
+
+    def _deliver(self, message: Message, topic: str) -> None:
+        msg_type = message.get_type()
+        for observer in list(self._observers):
+            try:
+                observer.receive_message(msg_type, message)
+            except Exception:  # noqa: BLE001 - a failing handler is logged; the loop goes on (deadlines and watchdogs act)
+                log.exception("party %d: the handler of a message of type %r on %s failed", self.rank, msg_type, topic)
+
+    def _receive(self, topic: str, mqtt_msg: Any) -> Message:
+        sender = self._inbox.get(topic)
+        if sender is None:
+            raise Rejected("not a topic this party listens on")
+        if mqtt_msg.retain:
+            raise Rejected("a retained message (kept by the broker from an earlier publisher)")
+        payload = bytes(mqtt_msg.payload)
+        if payload[:len(MAGIC)] == MAGIC:
+            if len(payload) > INLINE_MAX_BYTES:
+                raise Rejected(f"an inline frame of {len(payload)} bytes (allowed up to {INLINE_MAX_BYTES}; larger "
+                               "frames come through S3)")
+            return self.codec.decode(payload, transport_sender=sender)
+        if payload[:1] == b"{":
+            key, size, digest = self._announcement(payload, sender)
+            frame = self._fetch(key, size, digest)
+            message = self.codec.decode(frame, transport_sender=sender)
+            self._delete(key)
+            return message
+        raise Rejected(f"neither a PriSM frame nor an S3 announcement ({len(payload)} bytes starting {payload[:8]!r}: "
+                       "a pickle or another protocol)")
+
+    def _announcement(self, payload: bytes, sender: int) -> tuple[str, int, str]:
+        if len(payload) > ANNOUNCEMENT_MAX_BYTES:
+            raise Rejected(f"an S3 announcement of {len(payload)} bytes (allowed up to {ANNOUNCEMENT_MAX_BYTES})")
+        try:
+            ann = json.loads(payload, parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise Rejected(f"an S3 announcement that is not JSON: {err}") from None
+        if not isinstance(ann, dict) or set(ann) != {"key", "size", "sha256"}:
+            raise Rejected("an S3 announcement must be a JSON object with exactly key, size and sha256")
+        key, size, digest = ann["key"], ann["size"], ann["sha256"]
+        if not isinstance(key, str) or not self._keys[sender].fullmatch(key):
+            raise Rejected(f"S3 key {key!r:.100} is not one sender {sender} may use (allowed "
+                           f"{self._topic}{sender}_<32 hex digits>)")
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= self.codec.max_bytes:
+            raise Rejected(f"announced size {size!r:.40} of S3 object {key} is invalid: allowed 1..{self.codec.max_bytes} "
+                           "(max_message_mb)")
+        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
+            raise Rejected(f"announced sha256 {digest!r:.80} is invalid: allowed 64 lowercase hex digits")
+        return key, size, digest
+
+    def _fetch(self, key: str, size: int, digest: str) -> bytes:
+        """The object ``key``, read into memory: its size checked before and while reading, then its hash."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        cap, bucket = self.codec.max_bytes, self.s3_settings.bucket
+        try:
+            length = self._s3.head_object(Bucket=bucket, Key=key).get("ContentLength")
+            if isinstance(length, bool) or not isinstance(length, int):
+                raise Rejected(f"S3 object {key} has no size")
+            if length > cap:
+                raise Rejected(f"S3 object {key} of {length} bytes exceeds max_message_mb ({cap} bytes): not read")
+            if length != size:
+                raise Rejected(f"S3 object {key} has {length} bytes, its announcement says {size}")
+            body = self._s3.get_object(Bucket=bucket, Key=key)["Body"]
+            chunks, total = [], 0
+            try:
+                while chunk := body.read(min(READ_CHUNK, cap + 1 - total)):
+                    chunks.append(chunk)
+                    total += len(chunk)
+                    if total > cap:
+                        raise Rejected(f"S3 object {key} grew past max_message_mb ({cap} bytes) while read")
+            finally:
+                body.close()
+        except ClientError as err:
+            error = err.response.get("Error", {})
+            raise Rejected(f"S3 object {key} cannot be read: {error.get('Code', '?')} {error.get('Message', '')}".rstrip()) \
+                from None
+        except BotoCoreError as err:
+            raise Rejected(f"S3 object {key} cannot be read: {err}") from None
+        data = b"".join(chunks)
+        if len(data) != size:
+            raise Rejected(f"S3 object {key} has {len(data)} bytes, its announcement says {size}")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise Rejected(f"S3 object {key} does not match its announced sha256")
+        return data
+
+    def _delete(self, key: str) -> None:
+        """Remove a consumed object; a party without delete rights leaves it (said once)."""
+        try:
+            self._s3.delete_object(Bucket=self.s3_settings.bucket, Key=key)
+        except Exception as err:  # noqa: BLE001 - cleanup only
+            if not self._warned_delete:
+                self._warned_delete = True
+                log.warning("party %d: cannot delete consumed S3 objects (%s: %s); they stay in bucket %s (grant "
+                            "s3:DeleteObject or set a lifecycle rule)", self.rank, type(err).__name__, err,
+                            self.s3_settings.bucket)

@@ -1,0 +1,252 @@
+"""gRPC with TLS and checked addresses (fedml_prism.grpc_transport, run/make_certs.sh): certificates bind
+identities, a party without a certificate of the job's CA is refused before its message is read, the
+channel checks the server's name, and a CSV without a row per party stops the job before it starts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from runtime_utils import BIN, assert_prism_ran, env_for, free_ports, grpc_config, run_grpc_job, start, stop, wait_for
+
+from fedml_prism._fedml_import import silence_fedml_import_warnings
+from fedml_prism.grpc_transport import PrismGrpcCommManager, check_ipconfig
+from fedml_prism.security import KeyRing, SecuritySettings, worker_key
+from fedml_prism.wire import FrameCodec
+
+silence_fedml_import_warnings()
+from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2 as pb  # noqa: E402
+from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2_grpc as pb_grpc  # noqa: E402
+from fedml.core.distributed.communication.message import Message  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parents[1]
+MASTER = bytes(range(32))
+
+
+def make_certs(out: Path, workers: int, tmp: Path, **env: str) -> str:
+    proc = subprocess.run(["bash", str(ROOT / "run" / "make_certs.sh"), str(out), str(workers)], cwd=tmp,
+                          env={**env_for(tmp), "BIN": str(BIN), **env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def write_csv(path: Path, rows: list[tuple[int, str, int, str]]) -> Path:
+    path.write_text("eid,rank,grpc_server_ip,grpc_server_port,ingress_ip\n"
+                    + "".join(f"{r},{r},{host},{port},{ingress}\n" for r, host, port, ingress in rows))
+    return path
+
+
+def tls(certs: Path, rank: int, mutual: bool = True) -> SecuritySettings:
+    d = certs / "tls"
+    return SecuritySettings(tls_ca=str(d / "ca.crt"), tls_cert=str(d / f"party{rank}.crt"),
+                            tls_key=str(d / f"party{rank}.key"), tls_mutual=mutual)
+
+
+def codec(rank: int, workers: int = 2) -> FrameCodec:
+    ring = KeyRing(rank, MASTER if rank == 0 else worker_key(MASTER, rank))
+    return FrameCodec("t", rank, set(range(1, workers + 1)) if rank == 0 else {0}, ring, 1 << 20, round_of=lambda: 0)
+
+
+def online(rank: int) -> Message:
+    msg = Message(5, rank, 0)
+    msg.add_params("client_status", "ONLINE")
+    return msg
+
+
+class Inbox:
+    """An observer running a manager's loop in a thread: what reaches FedML's handlers."""
+
+    def __init__(self, manager: PrismGrpcCommManager) -> None:
+        self.got: list[tuple[Any, int]] = []
+        manager.add_observer(self)
+        threading.Thread(target=manager.handle_receive_message, daemon=True).start()
+
+    def receive_message(self, msg_type: Any, msg: Any) -> None:
+        if msg_type != 0:  # connection ready
+            self.got.append((msg_type, msg.get_sender_id()))
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> tuple[Path, Path, str]:
+    tmp = tmp_path_factory.mktemp("certs")
+    text = make_certs(tmp / "job", 2, tmp, CERT_SANS_1="DNS:silo1.example")
+    make_certs(tmp / "other", 2, tmp)  # another CA with the same party names
+    return tmp / "job", tmp / "other", text
+
+
+def test_make_certs_writes_a_ca_certificates_and_keys(certs) -> None:
+    job, _, text = certs
+    for rank in range(3):
+        for path in (job / "tls" / f"party{rank}.key", job / "keys" / f"party{rank}.key"):
+            assert os.stat(path).st_mode & 0o777 == 0o600, path
+        cert = job / "tls" / f"party{rank}.crt"
+        verify = subprocess.run(["openssl", "verify", "-CAfile", str(job / "tls" / "ca.crt"), str(cert)],
+                                capture_output=True, text=True)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        info = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-subject", "-ext", "subjectAltName"],
+                              capture_output=True, text=True).stdout
+        assert f"CN=party{rank}" in info.replace(" = ", "=") and "IP Address:127.0.0.1" in info and "DNS:localhost" in info
+        assert ("DNS:silo1.example" in info) == (rank == 1)
+    assert os.stat(job / "tls" / "ca.key").st_mode & 0o777 == 0o600
+    assert "security_args:" in text and 'tls_cert: "' in text and "tls_mutual: true" in text
+    # the CA is never replaced by accident: certificates already handed out would stop matching
+    again = subprocess.run(["bash", str(ROOT / "run" / "make_certs.sh"), str(job), "2"], capture_output=True, text=True,
+                           env={**os.environ, "BIN": str(BIN)}, timeout=60)
+    assert again.returncode == 2 and "FORCE=1" in again.stderr
+
+
+def test_mutual_tls_refuses_peers_without_a_certificate_of_the_ca(certs, tmp_path) -> None:
+    job, other, _ = certs
+    ports = free_ports(5)
+    csv = write_csv(tmp_path / "ip.csv", [(0, "127.0.0.1", ports[0], ""), (1, "127.0.0.1", ports[1], ""),
+                                           (2, "127.0.0.1", ports[2], "")])
+    args = argparse.Namespace(grpc_ipconfig_path=str(csv), run_id="t")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("fedml_prism").addHandler(handler)
+    managers = []
+    try:
+        server = PrismGrpcCommManager(args, 0, 2, codec(0), tls(job, 0))
+        worker = PrismGrpcCommManager(args, 1, 2, codec(1), tls(job, 1))
+        managers += [server, worker]
+        inbox = Inbox(server)
+        worker.send_message(online(1))
+        wait_for(lambda: inbox.got == [(5, 1)], timeout=10, what="the worker's message over mutual TLS")
+
+        def raw(credentials: Any, frame: bytes, client_id: int = 1, port: int = ports[0]) -> grpc.StatusCode | None:
+            target = f"127.0.0.1:{port}"
+            channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+            try:
+                pb_grpc.gRPCCommManagerStub(channel).sendMessage(pb.CommRequest(client_id=client_id, message=frame),
+                                                                 timeout=10)
+                return None
+            except grpc.RpcError as err:
+                return err.code()
+            finally:
+                channel.close()
+
+        def read(path: Path) -> bytes:
+            return path.read_bytes()
+
+        ca = read(job / "tls" / "ca.crt")
+        sender = codec(1)  # frames that would be accepted if they got through
+        refused = {
+            "no client certificate": grpc.ssl_channel_credentials(ca),
+            "a certificate of another CA": grpc.ssl_channel_credentials(ca, read(other / "tls" / "party1.key"),
+                                                                        read(other / "tls" / "party1.crt")),
+            "plain text": None,
+        }
+        for what, credentials in refused.items():
+            assert raw(credentials, sender.encode(online(1))) == grpc.StatusCode.UNAVAILABLE, what
+        time.sleep(0.5)
+        assert inbox.got == [(5, 1)] and not any("rejected" in r for r in records), records  # never seen
+        # a certificate of the CA, but party2's: the identity is bound to the certificate
+        party2 = grpc.ssl_channel_credentials(ca, read(job / "tls" / "party2.key"), read(job / "tls" / "party2.crt"))
+        assert raw(party2, sender.encode(online(1)), client_id=1) is None
+        assert raw(party2, sender.encode(online(1)), client_id=2) is None
+        wait_for(lambda: sum("rejected a gRPC message" in r for r in records) == 2, timeout=10, what="two rejections")
+        assert any("its certificate is for 'party2', not party1" in r for r in records), records
+        assert any("sender 1 in the frame but 2 on the transport (spoofed sender)" in r for r in records), records
+        assert inbox.got == [(5, 1)]
+        # the channel checks the server: a worker trusting another CA cannot send to it
+        stranger = PrismGrpcCommManager(args, 2, 2, codec(2), tls(other, 2))
+        managers.append(stranger)
+        with pytest.raises(grpc.RpcError):
+            stranger.send_message(online(2))
+        # ... nor to a server whose certificate lacks the name the CSV gives for it (127.0.0.2 is this machine too)
+        renamed = write_csv(tmp_path / "renamed.csv", [(0, "0.0.0.0", ports[3], "127.0.0.2"), (1, "127.0.0.1", ports[4], "")])
+        renamed_args = argparse.Namespace(grpc_ipconfig_path=str(renamed), run_id="t")
+        far = PrismGrpcCommManager(renamed_args, 0, 1, codec(0, workers=1), tls(job, 0))
+        near = PrismGrpcCommManager(renamed_args, 1, 1, codec(1, workers=1), tls(job, 1))
+        managers += [far, near]
+        with pytest.raises(grpc.RpcError, match="Hostname Verification"):
+            near.send_message(online(1))
+        # one-way TLS (tls_mutual: false): no client certificate needed, the frame's MAC is the identity
+        for m in (far, near):
+            m.stop_receive_message()
+        one_way = PrismGrpcCommManager(renamed_args, 0, 1, codec(0, workers=1), tls(job, 0, mutual=False))
+        managers.append(one_way)
+        one_inbox = Inbox(one_way)
+        assert raw(grpc.ssl_channel_credentials(ca), codec(1, workers=1).encode(online(1)), port=ports[3]) is None
+        wait_for(lambda: one_inbox.got == [(5, 1)], timeout=10, what="a message over one-way TLS")
+    finally:
+        logging.getLogger("fedml_prism").removeHandler(handler)
+        for m in managers:
+            m.stop_receive_message()
+
+
+def test_a_grpc_job_with_mutual_tls_and_keys_completes(tmp_path) -> None:
+    make_certs(tmp_path / "secrets", 2, tmp_path)
+    cfg = grpc_config(tmp_path, workers=2, train_args={"client_num_per_round": 6}, security_args={
+        "auth_key_file": "secrets/keys/party{rank}.key", "require_auth": True, "tls_ca": "secrets/tls/ca.crt",
+        "tls_cert": "secrets/tls/party{rank}.crt", "tls_key": "secrets/tls/party{rank}.key", "tls_mutual": True})
+    run_grpc_job(cfg, tmp_path / "out", tmp_path, workers=2)
+    assert_prism_ran(tmp_path / "out", rounds=2, clients=6)
+    log = (tmp_path / "server.log").read_text()
+    assert "gRPC listening on 127.0.0.1" in log and "mutual TLS" in log and "rejected" not in log
+    assert all("mutual TLS" in (tmp_path / f"client{r}.log").read_text() for r in (1, 2))
+
+
+def test_the_ipconfig_csv_is_checked_before_anything_starts(tmp_path) -> None:
+    cfg = grpc_config(tmp_path, workers=2)
+    csv = tmp_path / "grpc_ipconfig.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join(lines[:3]) + "\n")  # header, ranks 0 and 1: rank 2 is missing
+    cli = [str(BIN / "fedml-prism"), "run", "--cf", str(cfg), "--output-dir", str(tmp_path / "out"), "--run_id", "t"]
+    for rank, role in ((0, "server"), (2, "client")):
+        proc = start([*cli, "--rank", str(rank), "--role", role], tmp_path, f"bad{rank}.log")
+        try:
+            assert proc.wait(timeout=90) == 2
+        finally:
+            stop(proc)
+        text = (tmp_path / f"bad{rank}.log").read_text()
+        assert "grpc_ipconfig_path='grpc_ipconfig.csv' is invalid: no row for rank(s) [2]" in text, text[-2000:]
+        assert "gRPC listening" not in text and not (tmp_path / "out" / "metrics.json").exists()
+    base = str(tmp_path)
+    header = "eid,rank,grpc_server_ip,grpc_server_port\n"
+    bad = {
+        "0,0,127.0.0.1,80\n1,1,127.0.0.1,99999\n": "line 3: grpc_server_port='99999'",
+        "0,0,127.0.0.1,80\nx,1,127.0.0.1,81\n": "line 3: eid='x'",
+        "0,0,127.0.0.1,80\n0,0,127.0.0.1,81\n1,1,127.0.0.1,82\n": "line 3: eid 0 appears twice",
+        "0,0,127.0.0.1,80\n1,1,,81\n": "line 3: grpc_server_ip is empty",
+        "0,0,127.0.0.1,80\n1,1,127.0.0.1,80\n": "ranks 0 and 1 share the address 127.0.0.1:80",
+    }
+    for i, (rows, message) in enumerate(bad.items()):
+        (tmp_path / f"bad{i}.csv").write_text(header + rows)
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            check_ipconfig(f"bad{i}.csv", base, worker_num=1)
+    (tmp_path / "cols.csv").write_text("eid,ip,port\n0,127.0.0.1,80\n")
+    with pytest.raises(ValueError, match=r"columns \['grpc_server_ip', 'grpc_server_port'\] are missing"):
+        check_ipconfig("cols.csv", base, worker_num=1)
+    with pytest.raises(ValueError, match="does not exist"):
+        check_ipconfig("nope.csv", base, worker_num=1)
+    with pytest.raises(ValueError, match="backend GRPC needs a CSV"):
+        check_ipconfig(None, base, worker_num=1)
+    (tmp_path / "ok.csv").write_text(header + "0,0,0.0.0.0,80\n1,1,10.0.0.5,81\n2,2,::1,82\n")
+    table = check_ipconfig("ok.csv", base, worker_num=2)
+    assert [a.target for a in table.values()] == ["127.0.0.1:80", "10.0.0.5:81", "[::1]:82"]
+    assert table[0].bind == "0.0.0.0:80"
+
+
+def test_nothing_else_can_listen_on_a_partys_port(tmp_path) -> None:
+    """gRPC sets SO_REUSEPORT by default: a second listener on a party's port would take part of its traffic."""
+    ports = free_ports(2)
+    csv = write_csv(tmp_path / "ip.csv", [(0, "127.0.0.1", ports[0], ""), (1, "127.0.0.1", ports[1], "")])
+    args = argparse.Namespace(grpc_ipconfig_path=str(csv), run_id="t")
+    party = PrismGrpcCommManager(args, 0, 1, codec(0, workers=1), SecuritySettings())
+    try:
+        with pytest.raises(RuntimeError, match=f"party 0 cannot listen on 127.0.0.1:{ports[0]}"):
+            PrismGrpcCommManager(args, 0, 1, codec(0, workers=1), SecuritySettings())
+    finally:
+        party.stop_receive_message()
