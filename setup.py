@@ -38,5 +38,5 @@ setup(
         "MNN>=3,<4",  # MNN converter and training API (cross-device)
     ],
     extras_require={"dev": ["pytest", "pytest-timeout", "ruff", "moto[server]"]},
-    entry_points={"console_scripts": ["fedml-prism=fedml_prism.cli:main"]},
+    entry_points={"console_scripts": ["fedml-prism=fedml_prism.tools.cli:main"]},
 )

@@ -1,11 +1,11 @@
 """How much of each architecture a keep-ρ sub-model keeps, under each factorization rule.
 
-For every model: parameters and MACs (one input, forward hooks of :func:`fedml_prism.costs.layer_costs`)
+For every model: parameters and MACs (one input, forward hooks of :func:`fedml_prism.engine.costs.layer_costs`)
 of the keep-ρ sub-model over the dense model's, under
 
 - ``before``: the paper's rule on the model as given (``nn.MultiheadAttention`` left to PyTorch, so its
   projections stay dense: what the engine did before ``rule`` existed);
-- ``paper``: the paper's rule after :func:`~fedml_prism.attention.convert_attention` (``rule: paper``);
+- ``paper``: the paper's rule after :func:`~fedml_prism.engine.attention.convert_attention` (``rule: paper``);
 - ``default``: the default rule (``rule: default``).
 
 The sub-model is built with the modules ``PrincipalModel`` builds (principal layers of rank
@@ -29,12 +29,12 @@ import torchvision.models as tvm
 from torch import nn
 
 from fedml_prism import PrincipalModel, PrismConfig, convert_static_bn
-from fedml_prism.attention import convert_attention
-from fedml_prism.costs import layer_costs, submodel_costs
-from fedml_prism.decompose import factorizable_layers, matrix_shape
-from fedml_prism.layers import principal_like, set_submodule
-from fedml_prism.models import cnn, resnet18_cifar, vit_small
-from fedml_prism.sampling import keep_count
+from fedml_prism.engine.attention import convert_attention
+from fedml_prism.engine.costs import layer_costs, submodel_costs
+from fedml_prism.engine.decompose import factorizable_layers, matrix_shape
+from fedml_prism.engine.layers import principal_like, set_submodule
+from fedml_prism.engine.sampling import keep_count
+from fedml_prism.workloads.models import cnn, resnet18_cifar, vit_small
 
 # name -> (factory, input shape of one sample). torchvision models with a 10-class head (CIFAR-10, the
 # paper's setting) at their ImageNet input size, two with their 1000-class head (which then holds a

@@ -46,7 +46,7 @@ MODELS = {"resnet18": 32, "vgg11": 224, "vit_base": 32, "vgg11_32": 32}
 def _build(name: str):
     import torchvision
 
-    from fedml_prism.models import resnet18_cifar, vit_small
+    from fedml_prism.workloads.models import resnet18_cifar, vit_small
 
     if name == "resnet18":  # the paper's CIFAR ResNet-18
         return resnet18_cifar(num_classes=10)
@@ -62,7 +62,7 @@ def _child(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from fedml_prism import ClientUpdate, PrincipalModel, PrismConfig
-    from fedml_prism.train import make_optimizer, principal_regularizer
+    from fedml_prism.engine.train import make_optimizer, principal_regularizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

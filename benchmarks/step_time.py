@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from fedml_prism import PrincipalModel, PrismConfig, SubModel, convert_static_bn
-from fedml_prism.models import create_model
-from fedml_prism.train import make_optimizer, principal_regularizer
+from fedml_prism.engine.train import make_optimizer, principal_regularizer
+from fedml_prism.workloads.models import create_model
 
 
 def _status_kb(field: str) -> int:

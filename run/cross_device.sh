@@ -20,7 +20,7 @@ start_broker_and_s3
 
 background "$BIN/fedml-prism" run --cf "$CONFIG" --role server --run_id "$RUN_ID"
 server=$last_pid
-edges="$("$BIN/python" -c "import sys; from fedml_prism.runner import build_job; from fedml_prism.cross_device import edge_ids; print(*edge_ids(build_job(sys.argv[1]))[:int(sys.argv[2])])" "$CONFIG" "$DEVICES")"
+edges="$("$BIN/python" -c "import sys; from fedml_prism.job import build_job; from fedml_prism.job import edge_ids; print(*edge_ids(build_job(sys.argv[1]))[:int(sys.argv[2])])" "$CONFIG" "$DEVICES")"
 for edge in $edges; do
   background "$BIN/fedml-prism" run --cf "$CONFIG" --role device --edge-id "$edge"
 done

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedml_prism.models import char_lstm, cnn, lstm_imdb, resnet_tiny, vit_small
+from fedml_prism.workloads.models import char_lstm, cnn, lstm_imdb, resnet_tiny, vit_small
 
 
 def _conv(kernel: int | tuple[int, int], stride: int = 1, padding: int = 0, dilation: int = 1) -> nn.Module:

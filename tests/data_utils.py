@@ -1,6 +1,6 @@
 """Random datasets written in the offline loaders' real on-disk formats, sized for end-to-end runs.
 
-Each writer fills a folder the matching loader in :mod:`fedml_prism.datasets` reads unchanged, with
+Each writer fills a folder the matching loader in :mod:`fedml_prism.workloads.datasets` reads unchanged, with
 seeded random content (pixels, labels, words, characters), so a tiny federated run trains on it.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fedml_prism.datasets import SHAKESPEARE_CHARS
+from fedml_prism.workloads.datasets import SHAKESPEARE_CHARS
 
 IMDB_WORDS = ("good", "great", "fun", "bad", "awful", "boring", "film", "plot", "actor", "scene", "music", "ending")
 
@@ -75,3 +75,20 @@ def write_femnist(folder: Path, clients: int = 4, per_client: int = 10, seed: in
                 h5.create_dataset(f"examples/f{c:04d}/pixels", data=rng.random((per_client, 28, 28), dtype=np.float32))
                 h5.create_dataset(f"examples/f{c:04d}/label", data=rng.integers(0, 62, per_client, dtype=np.int32))
     return folder
+
+
+class Interrupted(Exception):
+    """Raised by :func:`interrupt_at_round` to stop a method's run as a crash would."""
+
+
+def interrupt_at_round(monkeypatch, module, round_idx: int) -> None:
+    """Make ``module.select_clients`` raise :class:`Interrupted` when round ``round_idx`` (0-based) opens:
+    the run stops after its checkpoint of the rounds before."""
+    real = module.select_clients
+
+    def stop(seed, r, total, per_round):
+        if r == round_idx:
+            raise Interrupted
+        return real(seed, r, total, per_round)
+
+    monkeypatch.setattr(module, "select_clients", stop)

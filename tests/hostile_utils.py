@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedml_prism.wire import MAGIC, VERSION, _canonical, tensors_to_bytes
+from fedml_prism.runtimes.wire import MAGIC, VERSION, _canonical, tensors_to_bytes
 
 
 class _Marker:
@@ -66,9 +66,9 @@ def header_of(data: bytes) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ a rogue worker's uploads
 def honest_upload(cfg_path: str, bundle: dict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """What an honest worker of job ``cfg_path`` uploads for ``bundle`` (it trains it on the job's data)."""
-    from fedml_prism.models import create_model
-    from fedml_prism.runner import build_job, load_data
-    from fedml_prism.server import PrismClient
+    from fedml_prism.engine.server import PrismClient
+    from fedml_prism.job import build_job, load_data
+    from fedml_prism.workloads.models import create_model
 
     job = build_job(cfg_path)
     data = load_data(job).fedml_dataset(job.settings.batch_size)
@@ -81,7 +81,7 @@ def defective_uploads(upload: OrderedDict[str, torch.Tensor]) -> list[tuple[str,
     """One defect per PriSM client of ``upload`` (a well-formed frame carries them; the server's checks
     must catch each): ``(name, bundle, reason the server logs)``. Uses as many clients as there are
     defects, in order; clients beyond the defects are left out of the bundle."""
-    from fedml_prism.server import NUM_SAMPLES, pack_bundle, unpack_bundle
+    from fedml_prism.engine.server import NUM_SAMPLES, pack_bundle, unpack_bundle
 
     def first_float(p: dict[str, torch.Tensor]) -> str:
         return next(k for k, v in p.items() if v.is_floating_point() and v.dim() >= 1 and not k.startswith("prism::"))

@@ -35,9 +35,9 @@ import paho.mqtt.client as mqtt
 import yaml
 from hostile_utils import defective_uploads, frame, header_of, honest_upload, marker_pickle, reframe
 
-from fedml_prism.security import KeyRing, read_key
-from fedml_prism.server import pack_bundle, unpack_bundle
-from fedml_prism.wire import FrameCodec
+from fedml_prism.engine.server import pack_bundle, unpack_bundle
+from fedml_prism.runtimes.security import KeyRing, read_key
+from fedml_prism.runtimes.wire import FrameCodec
 
 STATUS, UPLOAD, INIT, SYNC, CHECK = 5, 3, 1, 2, 6
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from fedml_prism import PrincipalModel, PrismConfig
-from fedml_prism.models import create_model
+from fedml_prism.workloads.models import create_model
 
 BIN = Path(sys.executable).parent
 MODEL_KWARGS = {"in_channels": 1, "image_size": 8, "width": 0.25, "hidden": 32, "num_classes": 10}

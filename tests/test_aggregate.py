@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedml_prism import ClientUpdate, PrincipalModel, PrismConfig
-from fedml_prism.aggregate import Contribution, aggregate_components, average_elements
-from fedml_prism.models import resnet_tiny
+from fedml_prism.engine.aggregate import Contribution, aggregate_components, average_elements
+from fedml_prism.workloads.models import resnet_tiny
 
 
 def _perturbed(sub, scale: float, seed: int) -> dict[str, torch.Tensor]:

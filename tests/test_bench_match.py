@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from fedml_prism.bench import (
+from fedml_prism.engine.config import PrismConfig
+from fedml_prism.engine.principal import PrincipalModel
+from fedml_prism.tools.bench import (
     PROFILES,
     ParamCounter,
     aggregate_rows,
@@ -19,10 +21,8 @@ from fedml_prism.bench import (
     plan_runs,
     write_results,
 )
-from fedml_prism.cli import main
-from fedml_prism.config import PrismConfig
-from fedml_prism.models import create_model
-from fedml_prism.principal import PrincipalModel
+from fedml_prism.tools.cli import main
+from fedml_prism.workloads.models import create_model
 
 NAN = float("nan")
 

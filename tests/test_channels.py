@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from fedml_prism import PrincipalModel, PrismConfig, convert_static_bn
-from fedml_prism.channels import channel_plan
-from fedml_prism.models import cnn, resnet_tiny
+from fedml_prism.engine.channels import channel_plan
+from fedml_prism.workloads.models import cnn, resnet_tiny
 
 
 def test_residual_additions_share_a_group() -> None:

@@ -3,20 +3,52 @@ play a round, in a fresh process without ``fedml`` in ``sys.modules``."""
 
 from __future__ import annotations
 
+import ast
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import fedml_prism
 
-# the only modules that may import FedML: they subclass or drive FedML's classes
-FEDML_GLUE = {"fedml_glue", "server_manager", "client_manager", "grpc_transport", "mqtt_transport"}  # FedML subclasses
+# the only modules that may import FedML when imported: they subclass FedML's classes
+FEDML_GLUE = {"fedml_glue", "runtimes.fedml_glue", "runtimes.server_manager", "runtimes.client_manager",
+              "runtimes.grpc_transport", "runtimes.mqtt_transport"}
+PACKAGE = Path(fedml_prism.__file__).parent
+
+
+def _modules() -> list[str]:
+    return sorted(m.name.removeprefix("fedml_prism.") for m in pkgutil.walk_packages(fedml_prism.__path__, "fedml_prism."))
+
+
+def test_layout_engine_imports_only_itself_and_nothing_imports_upward() -> None:
+    """The engine imports no other part of the package; the job description sits below the runtimes;
+    runtimes never import the tools."""
+    order = {"engine": 0, "strategies": 1, "workloads": 1, "job": 2, "runtimes": 3, "tools": 4}
+    for path in PACKAGE.rglob("*.py"):
+        part = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        if part not in order:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                depth = len(path.relative_to(PACKAGE).parts) - 1  # 0 for top-level modules
+                if node.level <= depth:
+                    continue  # within its own subpackage
+                target = (node.module or "").split(".")[0]
+                assert target in order, f"{path}: import of {node.module!r}"
+                if part == "engine":
+                    raise AssertionError(f"{path}: the engine imports {node.module!r}")
+                if target == "runtimes" and part == "job":
+                    assert node.module in ("runtimes.security", "runtimes.mnn_sandbox"), f"{path}: {node.module}"
+                    continue
+                assert order[target] <= order[part], f"{path} imports {node.module!r} from a layer above it"
 
 
 def test_core_imports_without_fedml(tmp_path) -> None:
-    modules = sorted(m.name for m in pkgutil.iter_modules(fedml_prism.__path__))
+    modules = _modules()
     core = [m for m in modules if m not in FEDML_GLUE]
-    assert {"server", "principal", "aggregate", "train", "simulation", "cross_silo", "runner", "cli"} <= set(core)
+    assert {"engine.server", "engine.principal", "engine.aggregate", "engine.train", "runtimes.simulation",
+            "runtimes.cross_silo", "job", "tools.cli", "tools.bench"} <= set(core)
     code = (
         "import importlib, sys\n"
         f"for name in {core!r}:\n"
@@ -25,8 +57,8 @@ def test_core_imports_without_fedml(tmp_path) -> None:
         "import torch\n"
         "from torch.utils.data import TensorDataset\n"
         "from fedml_prism import PrismConfig, PrincipalModel\n"
-        "from fedml_prism.models import cnn, resnet_tiny\n"
-        "from fedml_prism.server import PrismClient, PrismServer, RunSettings\n"
+        "from fedml_prism.workloads.models import cnn, resnet_tiny\n"
+        "from fedml_prism.engine.server import PrismClient, PrismServer, RunSettings\n"
         "pm = PrincipalModel(resnet_tiny(), PrismConfig())\n"
         "pm.aggregate([(pm.sample_submodel(0, 0), 1)])\n"
         "model = cnn(num_classes=4, in_channels=1, image_size=8, width=0.25)\n"

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from fedml_prism import PrincipalModel, PrismConfig
-from fedml_prism.cli import main
-from fedml_prism.costs import input_dtype, layer_costs, probe_input, submodel_costs
-from fedml_prism.models import char_lstm, cnn, lstm_imdb, resnet_tiny, vit_small
+from fedml_prism.engine.costs import input_dtype, layer_costs, probe_input, submodel_costs
+from fedml_prism.tools.cli import main
+from fedml_prism.workloads.models import char_lstm, cnn, lstm_imdb, resnet_tiny, vit_small
 
 
 def test_layer_costs_hand_computed() -> None:
@@ -45,7 +45,7 @@ def test_costs_cli_resnet18_at_keep_02(capsys) -> None:
 
 
 def test_costs_cli_import_path_and_errors(capsys) -> None:
-    assert main(["costs", "--model", "fedml_prism.models:cnn", "--model-arg", "width=0.25",
+    assert main(["costs", "--model", "fedml_prism.workloads.models:cnn", "--model-arg", "width=0.25",
                  "--input-shape", "1,28,28", "--keep-ratio", "0.5"]) == 0
     assert "params" in capsys.readouterr().out
     assert main(["costs", "--model", "nosuch.module:f", "--input-shape", "1,28,28"]) == 2

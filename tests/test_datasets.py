@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedml_prism import datasets
-from fedml_prism.datasets import (
+from fedml_prism.workloads import datasets
+from fedml_prism.workloads.datasets import (
     LOADERS,
     SHAKESPEARE_BOS,
     SHAKESPEARE_CHARS,

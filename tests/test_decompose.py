@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from fedml_prism import PrismConfig
-from fedml_prism.decompose import factorizable_layers, svd_factors
-from fedml_prism.models import resnet18_cifar
+from fedml_prism.engine.decompose import factorizable_layers, svd_factors
+from fedml_prism.workloads.models import resnet18_cifar
 
 
 @pytest.mark.parametrize("rule", ["default", "paper"])

@@ -14,12 +14,12 @@ import torchvision.models as tvm
 from torch import Tensor, nn
 
 from fedml_prism import PrincipalLinear, PrincipalModel, PrismConfig, convert_static_bn
-from fedml_prism.attention import PrismMultiheadAttention, convert_attention, restore_attention
-from fedml_prism.cli import cmd_costs
-from fedml_prism.costs import submodel_costs
-from fedml_prism.decompose import classify_layers, factorizable_layers, little_saving_warning, savings_report
-from fedml_prism.models import char_lstm, cnn, lstm_imdb, resnet18_cifar, resnet_tiny, vit_small
-from fedml_prism.submodel import SubModel
+from fedml_prism.engine.attention import PrismMultiheadAttention, convert_attention, restore_attention
+from fedml_prism.engine.costs import submodel_costs
+from fedml_prism.engine.decompose import classify_layers, factorizable_layers, little_saving_warning, savings_report
+from fedml_prism.engine.submodel import SubModel
+from fedml_prism.tools.cli import cmd_costs
+from fedml_prism.workloads.models import char_lstm, cnn, lstm_imdb, resnet18_cifar, resnet_tiny, vit_small
 
 
 class ShortcutNet(nn.Module):
@@ -401,7 +401,7 @@ def test_costs_command_prints_the_warning(capsys, monkeypatch) -> None:
 
 
 def test_run_logs_the_warning(tmp_path, monkeypatch) -> None:
-    from fedml_prism.runner import main
+    from fedml_prism.tools.run import main
 
     monkeypatch.setitem(sys.modules, "tiny_depthwise", SimpleNamespace(net=DepthwiseNet))
     config = tmp_path / "fedml_config.yaml"

@@ -28,14 +28,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedml_prism import PrincipalModel, PrismConfig
-from fedml_prism.aggregate import Contribution, aggregate_components
-from fedml_prism.cli import main
-from fedml_prism.layers import PrincipalConv2d, PrincipalLayer, PrincipalLinear, convert_static_bn
-from fedml_prism.models import cnn
-from fedml_prism.principal import ClientUpdate
-from fedml_prism.runner import build_job, load_data
-from fedml_prism.server import PrismClient, PrismServer, RunSettings
-from fedml_prism.train import TrainStats, local_train, principal_regularizer, split_parameters
+from fedml_prism.engine.aggregate import Contribution, aggregate_components
+from fedml_prism.engine.layers import PrincipalConv2d, PrincipalLayer, PrincipalLinear, convert_static_bn
+from fedml_prism.engine.principal import ClientUpdate
+from fedml_prism.engine.server import PrismClient, PrismServer, RunSettings
+from fedml_prism.engine.train import TrainStats, local_train, principal_regularizer, split_parameters
+from fedml_prism.job import build_job, load_data
+from fedml_prism.tools.cli import main
+from fedml_prism.workloads.models import cnn
 
 
 def _model() -> nn.Module:
@@ -67,7 +67,7 @@ def _random_principal(layer: PrincipalLayer, seed: int) -> PrincipalLayer:
 
 
 class _Spy:
-    """Stands in for ``local_train`` in :mod:`fedml_prism.server`: records each call, trains nothing."""
+    """Stands in for ``local_train`` in :mod:`fedml_prism.engine.server`: records each call, trains nothing."""
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
@@ -176,7 +176,7 @@ def test_cosine_learning_rate_reaches_training(monkeypatch) -> None:
     assert expected[0] == pytest.approx(lr) and expected[rounds // 2] == pytest.approx(lr / 2)
     assert all(constant.learning_rate(r) == lr for r in range(rounds))
     spy = _Spy()
-    monkeypatch.setattr("fedml_prism.server.local_train", spy)
+    monkeypatch.setattr("fedml_prism.engine.server.local_train", spy)
     pm = PrincipalModel(model, cfg)
     for r in (0, 3, 6):
         cosine.train(pm.sample_submodel(0, r, record=False).to_payload("down"))
@@ -212,7 +212,7 @@ def test_flip_crop_augments_the_training_batches(monkeypatch, augment: str) -> N
     cfg = PrismConfig(keep_ratio=0.5, seed=2)
     client = PrismClient(model, cfg, RunSettings(batch_size=4, augment=augment), data)
     spy = _Spy()
-    monkeypatch.setattr("fedml_prism.server.local_train", spy)
+    monkeypatch.setattr("fedml_prism.engine.server.local_train", spy)
     pm = PrincipalModel(model, cfg)
     for r in (0, 0, 1):
         client.train(pm.sample_submodel(0, r, record=False).to_payload("down"))
@@ -459,8 +459,8 @@ every call (what a DP or defense plugin does through the same hooks)."""
 import json, os, sys
 from collections import OrderedDict
 
-from fedml_prism import fedml_glue
-from fedml_prism.cli import main
+from fedml_prism.runtimes import fedml_glue
+from fedml_prism.tools.cli import main
 
 
 def record(entry):
@@ -578,7 +578,7 @@ def test_worker_exits_after_client_idle_timeout_of_server_silence(tmp_path) -> N
 def test_watchdog_ends_a_silent_worker_process_only_after_the_idle_time() -> None:
     code = textwrap.dedent("""
         import time, types
-        from fedml_prism.cross_silo import _watchdog
+        from fedml_prism.runtimes.cross_silo import _watchdog
         trainer = types.SimpleNamespace(last_message_at=time.time())
         _watchdog(trainer, idle_s=1.0)
         for _ in range(8):  # messages keep arriving for 2 s: the worker stays

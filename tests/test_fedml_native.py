@@ -17,8 +17,8 @@ import yaml
 from runtime_utils import BIN, env_for, metrics, run
 
 from fedml_prism import PrincipalModel, PrismConfig
-from fedml_prism.data import load_federated
-from fedml_prism.models import create_model
+from fedml_prism.workloads.data import load_federated
+from fedml_prism.workloads.models import create_model
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -64,7 +64,7 @@ BAD_ARGS = [
 @pytest.mark.parametrize("role", ["trainer", "aggregator"])
 @pytest.mark.parametrize(("override", "message"), BAD_ARGS, ids=[next(iter(o)) for o, _ in BAD_ARGS])
 def test_args_only_constructors_reject_bad_args(tmp_path, role: str, override: dict, message: str) -> None:
-    from fedml_prism.fedml_glue import PrismClientTrainer, PrismServerAggregator
+    from fedml_prism.runtimes.fedml_glue import PrismClientTrainer, PrismServerAggregator
 
     cls = PrismClientTrainer if role == "trainer" else PrismServerAggregator
     with pytest.raises(ValueError, match=re.escape(message)) as err:
@@ -74,7 +74,7 @@ def test_args_only_constructors_reject_bad_args(tmp_path, role: str, override: d
 
 def test_unknown_prism_args_key_in_the_yaml_is_reported(tmp_path) -> None:
     """FedML flattens ``prism_args`` onto args, which would hide a typo; the yaml is checked too."""
-    from fedml_prism.fedml_glue import PrismServerAggregator
+    from fedml_prism.runtimes.fedml_glue import PrismServerAggregator
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"prism_args": {"keep_ration": 0.3}}))
@@ -83,7 +83,7 @@ def test_unknown_prism_args_key_in_the_yaml_is_reported(tmp_path) -> None:
 
 
 def test_args_only_constructors_read_prism_args_and_training_keys(tmp_path) -> None:
-    from fedml_prism.fedml_glue import PrismClientTrainer, PrismServerAggregator
+    from fedml_prism.runtimes.fedml_glue import PrismClientTrainer, PrismServerAggregator
 
     args = native_args(tmp_path, keep_ratio=0.4, seed=7, epochs=3, batch_size=8, comm_round=4)
     aggregator = PrismServerAggregator(tiny_model(), args)
@@ -97,8 +97,8 @@ def test_args_only_constructors_read_prism_args_and_training_keys(tmp_path) -> N
 
 
 def test_server_path_still_needs_workers(tmp_path) -> None:
-    from fedml_prism.fedml_glue import PrismServerAggregator
-    from fedml_prism.server import PrismServer, RunSettings
+    from fedml_prism.engine.server import PrismServer, RunSettings
+    from fedml_prism.runtimes.fedml_glue import PrismServerAggregator
 
     model = tiny_model()
     server = PrismServer(model, PrismConfig(), RunSettings(output_dir=str(tmp_path)))
@@ -111,7 +111,7 @@ def test_args_only_objects_inside_fedml_cross_silo_classes(tmp_path) -> None:
     """FedML's own server-side aggregator and silo trainer drive the args-only objects for two rounds, in
     process: each silo trains the PriSM client of its index on its own data, and the server evaluates on
     the test set FedML's aggregator holds."""
-    from fedml_prism.fedml_glue import PrismClientTrainer, PrismServerAggregator  # isort: split
+    from fedml_prism.runtimes.fedml_glue import PrismClientTrainer, PrismServerAggregator  # isort: split
 
     from fedml.cross_silo.client.fedml_trainer import FedMLTrainer  # after the glue: FedML imported quietly
     from fedml.cross_silo.server.fedml_aggregator import FedMLAggregator
@@ -210,7 +210,7 @@ def _stderrs(codes: list[str], tmp_path: Path) -> list[str]:
 def test_fedml_import_warnings_silenced_at_the_glue_only(tmp_path) -> None:
     bare, glued = _stderrs([
         "import fedml",
-        "import warnings\nimport fedml_prism.fedml_glue\nwarnings.warn('an unrelated warning', UserWarning)\n",
+        "import warnings\nimport fedml_prism.runtimes.fedml_glue\nwarnings.warn('an unrelated warning', UserWarning)\n",
     ], tmp_path)
     assert REQUESTS_WARNING in bare and PKG_RESOURCES_WARNING in bare, "FedML no longer warns: this test is moot"
     assert REQUESTS_WARNING not in glued and PKG_RESOURCES_WARNING not in glued

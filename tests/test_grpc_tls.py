@@ -1,4 +1,4 @@
-"""gRPC with TLS and checked addresses (fedml_prism.grpc_transport, run/make_certs.sh): certificates bind
+"""gRPC with TLS and checked addresses (fedml_prism.runtimes.grpc_transport, run/make_certs.sh): certificates bind
 identities, a party without a certificate of the job's CA is refused before its message is read, the
 channel checks the server's name, and a CSV without a row per party stops the job before it starts."""
 
@@ -17,10 +17,10 @@ import grpc
 import pytest
 from runtime_utils import BIN, assert_prism_ran, env_for, free_ports, grpc_config, run_grpc_job, start, stop, wait_for
 
-from fedml_prism._fedml_import import silence_fedml_import_warnings
-from fedml_prism.grpc_transport import PrismGrpcCommManager, check_ipconfig
-from fedml_prism.security import KeyRing, SecuritySettings, worker_key
-from fedml_prism.wire import FrameCodec
+from fedml_prism.runtimes._fedml_import import silence_fedml_import_warnings
+from fedml_prism.runtimes.grpc_transport import PrismGrpcCommManager, check_ipconfig
+from fedml_prism.runtimes.security import KeyRing, SecuritySettings, worker_key
+from fedml_prism.runtimes.wire import FrameCodec
 
 silence_fedml_import_warnings()
 from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2 as pb  # noqa: E402

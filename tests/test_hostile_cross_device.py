@@ -21,11 +21,11 @@ from hostile_utils import marker_pickle
 from runtime_utils import BIN, MODEL_KWARGS, free_ports, metrics, start, start_broker_and_s3, stop, write_config
 
 from fedml_prism import PrincipalModel, PrismConfig
-from fedml_prism.cross_device import _discard, sample_count_problem, upload_key_pattern
-from fedml_prism.mnn_export import MnnExporter, read_parameters, read_trained, train_graph
-from fedml_prism.mnn_sandbox import ParseLimits, UnreadableGraph, read_isolated
-from fedml_prism.models import create_model
-from fedml_prism.server import MAX_SAMPLES
+from fedml_prism.engine.server import MAX_SAMPLES
+from fedml_prism.runtimes.cross_device import _discard, sample_count_problem, upload_key_pattern
+from fedml_prism.runtimes.mnn_export import MnnExporter, read_parameters, read_trained, train_graph
+from fedml_prism.runtimes.mnn_sandbox import ParseLimits, UnreadableGraph, read_isolated
+from fedml_prism.workloads.models import create_model
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -98,7 +98,7 @@ def test_rogue_grpc_worker_is_rejected_and_the_run_finishes_with_the_honest_work
 def forge(data: bytes, key: bytes | None, blob: bytes | None = None, **changes: Any) -> bytes:
     """A copy of frame ``data`` with header fields (and optionally the blob) changed, re-signed with ``key``
     when given (a compromised worker forging with its own key); unsigned otherwise."""
-    from fedml_prism.wire import MAGIC, VERSION, _canonical
+    from fedml_prism.runtimes.wire import MAGIC, VERSION, _canonical
 
     (size,) = struct.unpack(">I", data[5:9])
     header, old_blob = json.loads(data[9:9 + size]), data[9 + size:]
@@ -121,12 +121,12 @@ def rogue_main(cfg_path: str, key_path: str, marker: str, lifetime_s: float = 20
     from fedml.core.distributed.communication.message import Message
     from hostile_utils import defective_uploads, marker_pickle
 
-    from fedml_prism.grpc_transport import read_ipconfig
-    from fedml_prism.models import create_model
-    from fedml_prism.runner import build_job, load_data
-    from fedml_prism.security import KeyRing, read_key
-    from fedml_prism.server import PrismClient, unpack_bundle
-    from fedml_prism.wire import FrameCodec
+    from fedml_prism.engine.server import PrismClient, unpack_bundle
+    from fedml_prism.job import build_job, load_data
+    from fedml_prism.runtimes.grpc_transport import read_ipconfig
+    from fedml_prism.runtimes.security import KeyRing, read_key
+    from fedml_prism.runtimes.wire import FrameCodec
+    from fedml_prism.workloads.models import create_model
 
     def say(text: str) -> None:
         print(f"rogue: {text}", flush=True)

@@ -173,7 +173,7 @@ def _five_clients():
     """A stand-in upload with five PriSM clients: only the defects' names and reasons are read."""
     import torch
 
-    from fedml_prism.server import NUM_SAMPLES, pack_bundle
+    from fedml_prism.engine.server import NUM_SAMPLES, pack_bundle
 
     return pack_bundle({c: {"w": torch.ones(2), NUM_SAMPLES: torch.tensor(3)} for c in range(5)})
 
@@ -274,9 +274,9 @@ def _args(tmp: Path, mqtt: dict, run_id: str = "t", s3: dict | None = None):
     (None, "t", "customized_training_mqtt_config is invalid (NoneType)"),
 ])
 def test_mqtt_s3_settings_are_checked(tmp_path, mqtt, run_id, message) -> None:
-    from fedml_prism.mqtt_transport import PrismMqttS3CommManager
-    from fedml_prism.security import SecuritySettings
-    from fedml_prism.transport import make_codec
+    from fedml_prism.runtimes.mqtt_transport import PrismMqttS3CommManager
+    from fedml_prism.runtimes.security import SecuritySettings
+    from fedml_prism.runtimes.transport import make_codec
 
     args = _args(tmp_path, mqtt, run_id)
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -285,9 +285,9 @@ def test_mqtt_s3_settings_are_checked(tmp_path, mqtt, run_id, message) -> None:
 
 def test_no_broker_is_an_error_within_the_connect_timeout(tmp_path) -> None:
     """FedML's client retries an unreachable broker forever; a PriSM party gives up with the reason."""
-    from fedml_prism.mqtt_transport import BrokerError, PrismMqttS3CommManager
-    from fedml_prism.security import SecuritySettings
-    from fedml_prism.transport import make_codec
+    from fedml_prism.runtimes.mqtt_transport import BrokerError, PrismMqttS3CommManager
+    from fedml_prism.runtimes.security import SecuritySettings
+    from fedml_prism.runtimes.transport import make_codec
 
     (port,) = free_ports(1)  # nothing listens there
     args = _args(tmp_path, {"BROKER_HOST": "127.0.0.1", "BROKER_PORT": port, "MQTT_CONNECT_TIMEOUT_S": 1})

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedml_prism import PrismConfig
-from fedml_prism.models import cnn
-from fedml_prism.server import NUM_SAMPLES, PrismClient, PrismServer, RunSettings, pack_bundle, unpack_bundle
+from fedml_prism.engine.server import NUM_SAMPLES, PrismClient, PrismServer, RunSettings, pack_bundle, unpack_bundle
+from fedml_prism.workloads.models import cnn
 
 
 def _job(tmp_path, strategy: str = "prism"):
@@ -113,7 +113,7 @@ def test_each_prism_client_is_bound_to_the_worker_it_was_sent_to(tmp_path) -> No
     duplicate): the aggregator's ``bundle_problem`` refuses a bundle holding clients not sent to it."""
     from types import SimpleNamespace
 
-    from fedml_prism.fedml_glue import PrismServerAggregator
+    from fedml_prism.runtimes.fedml_glue import PrismServerAggregator
 
     server, client = _job(tmp_path)
     agg = PrismServerAggregator(server.pm.dense_model(), SimpleNamespace(), server, workers=3)

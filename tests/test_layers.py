@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedml_prism import PrincipalConv2d, PrincipalLinear, PrincipalModel, PrismConfig, convert_static_bn
-from fedml_prism.decompose import svd_factors
+from fedml_prism.engine.decompose import svd_factors
 
 ALL_LAYERS = PrismConfig(keep_ratio=1.0, factorize_include=("Conv2d", "Linear"), static_bn=True)
 
@@ -82,7 +82,7 @@ def _check_keep_one(name: str, model: nn.Module, x: torch.Tensor) -> None:
 
 
 def test_lstm_layers_are_physically_small_on_clients() -> None:
-    from fedml_prism.models import lstm_imdb
+    from fedml_prism.workloads.models import lstm_imdb
 
     model = lstm_imdb(hidden=64)
     pm = PrincipalModel(model, PrismConfig(keep_ratio=0.2))

@@ -18,9 +18,9 @@ import pytest
 from data_utils import write_cifar10, write_fed_shakespeare, write_femnist, write_imdb
 from runtime_utils import BIN, run, write_config
 
-from fedml_prism import bench
-from fedml_prism.cli import main
-from fedml_prism.simulation import format_table
+from fedml_prism.runtimes.simulation import format_table
+from fedml_prism.tools import bench
+from fedml_prism.tools.cli import main
 
 KEEP = 0.3
 

@@ -12,10 +12,10 @@ import torch
 from runtime_utils import BASE, BIN, env_for, write_config
 from torch import nn
 
-from fedml_prism.cli import main
-from fedml_prism.data import partition
-from fedml_prism.models import create_model, init_weights
-from fedml_prism.runner import job_from_sections, load_data
+from fedml_prism.job import job_from_sections, load_data
+from fedml_prism.tools.cli import main
+from fedml_prism.workloads.data import partition
+from fedml_prism.workloads.models import create_model, init_weights
 
 
 def _overlapping_reference(labels: np.ndarray, num_clients: int, alpha: float, per: int, seed: int) -> list[np.ndarray]:

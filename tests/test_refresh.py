@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedml_prism import ClientUpdate, PrincipalModel, PrismConfig
-from fedml_prism.decompose import Factors, svd_factors
-from fedml_prism.models import resnet_tiny
-from fedml_prism.refresh import block_refresh, decompose_qr, dense_refresh
+from fedml_prism.engine.decompose import Factors, svd_factors
+from fedml_prism.engine.refresh import block_refresh, decompose_qr, dense_refresh
+from fedml_prism.workloads.models import resnet_tiny
 
 
 def _moved(old: Factors, trained: torch.Tensor, seed: int) -> Factors:
@@ -124,7 +124,7 @@ def test_principal_model_block_refresh_equals_dense_refresh_with_momentum() -> N
 
 
 def test_block_refresh_is_used_and_a_failed_block_falls_back(monkeypatch) -> None:
-    import fedml_prism.principal as principal
+    import fedml_prism.engine.principal as principal
 
     pm = PrincipalModel(resnet_tiny(num_classes=4, width=0.5), PrismConfig(keep_ratio=0.3, seed=0))
     calls = {"block": 0, "dense": 0}
@@ -167,7 +167,7 @@ def test_load_dense_state_dict_takes_the_user_models_attention_keys() -> None:
     """A user's state dict with PyTorch's ``in_proj_weight`` loads into the converted model."""
     from torchvision.models import VisionTransformer
 
-    from fedml_prism.attention import restore_attention
+    from fedml_prism.engine.attention import restore_attention
 
     torch.manual_seed(0)
     vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,

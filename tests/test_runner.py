@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from runtime_utils import write_config
 
-from fedml_prism.cli import main
-from fedml_prism.data import partition
+from fedml_prism.tools.cli import main
+from fedml_prism.workloads.data import partition
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from fedml_prism import PrincipalModel, PrismConfig
-from fedml_prism.models import resnet_tiny
-from fedml_prism.sampling import (
+from fedml_prism.engine.sampling import (
     draw_capacity,
     importance,
     inclusion_probabilities,
@@ -16,6 +15,7 @@ from fedml_prism.sampling import (
     rolling_channels,
     sample_components,
 )
+from fedml_prism.workloads.models import resnet_tiny
 
 
 @pytest.mark.parametrize(("kappa", "keep"), [(2.5, 2), (1.0, 3), (0.0, 2)])

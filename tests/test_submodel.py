@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fedml_prism import PrincipalModel, PrismConfig, SubModel, convert_static_bn
-from fedml_prism.models import resnet_tiny
-from fedml_prism.submodel import META
+from fedml_prism.engine.submodel import META
+from fedml_prism.workloads.models import resnet_tiny
 
 
 @pytest.mark.parametrize("strategy", ["prism", "orthdrop", "origdrop", "rolex", "full"])

@@ -11,15 +11,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedml_prism import PrincipalModel, PrismConfig
-from fedml_prism.aggregate import rotate_momentum
-from fedml_prism.cli import main
-from fedml_prism.decompose import Factors
-from fedml_prism.models import cnn, resnet_tiny
-from fedml_prism.principal import ClientUpdate
-from fedml_prism.sampling import top_components
-from fedml_prism.server import PrismClient, PrismServer, RunSettings
-from fedml_prism.submodel import MOMENTUM
-from fedml_prism.train import local_train
+from fedml_prism.engine.aggregate import rotate_momentum
+from fedml_prism.engine.decompose import Factors
+from fedml_prism.engine.principal import ClientUpdate
+from fedml_prism.engine.sampling import top_components
+from fedml_prism.engine.server import PrismClient, PrismServer, RunSettings
+from fedml_prism.engine.submodel import MOMENTUM
+from fedml_prism.engine.train import local_train
+from fedml_prism.tools.cli import main
+from fedml_prism.workloads.models import cnn, resnet_tiny
 
 
 def _model() -> nn.Module:
@@ -258,8 +258,8 @@ def test_diagnostics_are_logged_per_round_and_layer(tmp_path) -> None:
 
 
 def test_frobenius_inner_equals_the_dense_inner_product() -> None:
-    from fedml_prism.aggregate import frobenius_inner
-    from fedml_prism.decompose import svd_factors
+    from fedml_prism.engine.aggregate import frobenius_inner
+    from fedml_prism.engine.decompose import svd_factors
 
     g = torch.Generator().manual_seed(3)
     a = svd_factors(torch.randn(12, 5, 3, 3, generator=g))

@@ -1,4 +1,4 @@
-"""The safe wire format (fedml_prism.wire), keys and security settings (fedml_prism.security), and the
+"""The safe wire format (fedml_prism.runtimes.wire), keys and security settings (fedml_prism.runtimes.security), and the
 checks of uploads that the server manager and the aggregator make before the engine sees them."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 from hostile_utils import header_of, marker_pickle, reframe
 
-from fedml_prism._fedml_import import silence_fedml_import_warnings
-from fedml_prism.security import KEY_ENV, KeyRing, SecuritySettings, read_key, scrub, scrub_logs, worker_key, write_keys
-from fedml_prism.wire import FrameCodec, WireError, tensors_to_bytes
+from fedml_prism.runtimes._fedml_import import silence_fedml_import_warnings
+from fedml_prism.runtimes.security import KEY_ENV, KeyRing, SecuritySettings, read_key, scrub, scrub_logs, worker_key, write_keys
+from fedml_prism.runtimes.wire import FrameCodec, WireError, tensors_to_bytes
 
 silence_fedml_import_warnings()
 from fedml.core.distributed.communication.message import Message  # noqa: E402  (after the warnings filter)
@@ -126,7 +126,7 @@ def _with_blob(header: dict, blob: bytes) -> bytes:
     import json
     import struct
 
-    from fedml_prism.wire import _canonical
+    from fedml_prism.runtimes.wire import _canonical
 
     h = {"session": "", "round": 0, "receiver": 0, "type": "3", "params": {}, **header,
          "digest": hashlib.sha256(blob).hexdigest()}
@@ -207,7 +207,7 @@ def test_credentials_are_scrubbed_from_every_logger() -> None:
 
 
 def test_security_args_are_checked_when_the_job_is_read(tmp_path) -> None:
-    from fedml_prism.runner import job_from_sections
+    from fedml_prism.job import job_from_sections
 
     cross_silo = {"common_args": {"training_type": "cross_silo"}, "comm_args": {"backend": "MPI", "worker_num": 1},
                   "train_args": {"client_num_in_total": 2, "client_num_per_round": 2}}

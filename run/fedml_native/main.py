@@ -9,15 +9,15 @@ server sent it on its own data). ``offline()`` keeps ``fedml.init()`` from calli
 """
 
 # first: importing the glue silences the two warnings `import fedml` prints (requests, pkg_resources)
-from fedml_prism.fedml_glue import PrismClientTrainer, PrismServerAggregator, offline  # isort: split
+from fedml_prism.runtimes.fedml_glue import PrismClientTrainer, PrismServerAggregator, offline  # isort: split
 
 from typing import Any
 
 import fedml
 from fedml import FedMLRunner
 
-from fedml_prism.data import load_federated
-from fedml_prism.models import create_model
+from fedml_prism.workloads.data import load_federated
+from fedml_prism.workloads.models import create_model
 
 
 def load_data(args: Any) -> tuple[list, int]:

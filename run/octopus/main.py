@@ -7,7 +7,7 @@ Octopus starts every party as ``python main.py --cf fedml_config.yaml --rank R -
 
 import sys
 
-from fedml_prism.cli import main
+from fedml_prism.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

@@ -57,7 +57,7 @@ class Refreshed:
 def decompose_qr(weight: Tensor, dtype: str = "float32", name: str = "") -> Factors:
     """SVD of a dense weight; a strongly rectangular matrix is first reduced by QR to its square
     factor (``A = Q R``, SVD of ``R``), a few times faster than ``gesdd`` on the whole matrix. Falls
-    back to :func:`~fedml_prism.decompose.svd_factors` (float32, then float64) on any failure."""
+    back to :func:`~fedml_prism.engine.decompose.svd_factors` (float32, then float64) on any failure."""
     mat = weight.detach().reshape(weight.shape[0], -1)
     n, m = mat.shape
     if max(n, m) < 2 * min(n, m) or max(n, m) < 1024 or not torch.isfinite(mat).all():

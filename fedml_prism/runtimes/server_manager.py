@@ -11,7 +11,7 @@ protocol and classes, and adds:
   that round (a late upload of an old round is rejected by the aggregator's checks);
 - a start deadline (workers that never come online) and a finish deadline (dead workers never report
   FINISHED);
-- PriSM's own transports for gRPC and MQTT_S3 (:mod:`fedml_prism.transport`: no pickle, checked
+- PriSM's own transports for gRPC and MQTT_S3 (:mod:`fedml_prism.runtimes.transport`: no pickle, checked
   frames), and checks on every upload before FedML's handler sees it: a known sender, the round and
   session the server sent (no stale or replayed round), a bundle holding only the PriSM clients this
   server gave that worker; a message that still makes a handler fail is logged and dropped, never
@@ -33,8 +33,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+from ..engine.server import Deadline
 from ._fedml_import import silence_fedml_import_warnings
-from .server import Deadline
 from .transport import SAFE_BACKENDS
 from .wire import WIRE_ROUND, WIRE_SESSION
 

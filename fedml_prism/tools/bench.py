@@ -1,7 +1,7 @@
 """``fedml-prism bench``: strategies side by side on the same partition, seeds and schedule.
 
-Every run goes through the same runtime code as ``fedml-prism run`` (a :class:`~fedml_prism.runner.Job`
-driven by :func:`~fedml_prism.simulation.run_sp`). Outputs in ``--out``: ``results.json``,
+Every run goes through the same runtime code as ``fedml-prism run`` (a :class:`~fedml_prism.job.Job`
+driven by :func:`~fedml_prism.runtimes.simulation.run_sp`). Outputs in ``--out``: ``results.json``,
 ``results.md`` (final / best accuracy as mean ± spread over seeds, actual keep ratio, budget = client
 params as % of the dense model's, gap to the same partition's full run in points, client params / MACs
 / bytes per round, wall time, and a diagnostics table of the principal strategies),
@@ -52,12 +52,12 @@ from typing import Any
 
 from torch import nn
 
-from .config import PRINCIPAL_STRATEGIES, STRATEGIES, PrismConfig
-from .decompose import factorizable_layers
-from .models import create_model
-from .principal import PrincipalModel
-from .runner import Job, job_from_sections, load_data
-from .simulation import run_sp, summarize
+from ..engine.config import OTHER_METHODS, PRINCIPAL_STRATEGIES, STRATEGIES, PrismConfig
+from ..engine.decompose import factorizable_layers
+from ..engine.principal import PrincipalModel
+from ..job import Job, job_from_sections, load_data
+from ..runtimes.simulation import run_method, run_sp, submodel_peak_train_mb, summarize
+from ..workloads.models import create_model
 
 log = logging.getLogger("fedml_prism")
 
@@ -70,15 +70,21 @@ _COMMON = {
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
+        # every strategy and method on one tiny ResNet (SuperFed needs residual stages; layer-wise
+        # learning needs a round per block: stem, two blocks)
         "sections": {
             "data_args": {"dataset": "digits"},
-            "model_args": {"model": "cnn", "model_kwargs": {"in_channels": 1, "image_size": 8, "width": 0.25,
-                                                             "hidden": 32, "num_classes": 10}},
-            "train_args": {"client_num_in_total": 6, "client_num_per_round": 3, "comm_round": 2, "epochs": 1,
-                           "batch_size": 32, "learning_rate": 0.05},
+            "model_args": {"model": "resnet_tiny", "model_kwargs": {"in_channels": 1, "width": 0.25, "num_classes": 10}},
+            "train_args": {"client_num_in_total": 6, "client_num_per_round": 3, "comm_round": 3, "epochs": 1,
+                           "batch_size": 32, "learning_rate": 0.05, "torch_threads": 1},
             "prism_args": {"kappa": 2.5},
+            "method_args": {"superfed": {"widths": [0.125, 0.25, 0.5, 1.0], "measure_memory": False}},
         },
         "strategies": ["full", "prism", "orthdrop", "origdrop", "rolex", "uniform"],
+        "variants": {"superfed-capped": {"prism_args": {"strategy": "superfed"},
+                                         "sections": {"method_args": {"superfed": {
+                                             "widths": [0.125, 0.25, 0.5, 1.0], "measure_memory": False,
+                                             "cap": True, "max_params_ratio": 0.3}}}}},
         "keep_ratios": [0.2, 0.5],
         "partitions": [("iid", None)],
         "seeds": [0],
@@ -153,6 +159,24 @@ PROFILES: dict[str, dict[str, Any]] = {
         "seeds": [0],
         "match": "params",
     },
+    # the other methods side by side with PriSM (issue 12): the fidelity profile's data, partitions,
+    # clients, seed, schedule and rounds, on resnet_tiny (SuperFed needs residual stages; layer-wise
+    # learning trains one block of it per stage)
+    "fidelity_methods": {
+        "sections": {},  # filled in below from "fidelity", with the model replaced
+        "strategies": ["full", "prism", "layerwise", "layerwise-dd", "superfed", "superfed-capped", "fedgkt"],
+        "variants": {
+            "layerwise-dd": {"prism_args": {"strategy": "layerwise"},
+                             "sections": {"method_args": {"layerwise": {"depth_dropout": 0.5}}}},
+            "superfed-capped": {"prism_args": {"strategy": "superfed"},
+                                "sections": {"method_args": {"superfed": {"widths": [0.125, 0.25, 0.5, 0.75, 1.0],
+                                                                          "cap": True, "max_params_ratio": 0.2}}}},
+        },
+        "keep_ratios": [0.2],
+        "partitions": [("dirichlet", 0.1)],
+        "seeds": [0],
+        "memory": True,
+    },
     "paper": {
         "sections": {
             "data_args": {"dataset": "cifar10", "data_path": "../shared/data/cifar10/cifar-10-batches-py.tar.xz",
@@ -177,6 +201,12 @@ PROFILES: dict[str, dict[str, Any]] = {
 PROFILES["fidelity_long"]["sections"] = copy.deepcopy(PROFILES["fidelity"]["sections"])
 PROFILES["fidelity_long"]["sections"]["train_args"]["comm_round"] = 100
 PROFILES["fidelity_long"]["sections"]["validation_args"]["frequency_of_the_test"] = 10
+PROFILES["fidelity_methods"]["sections"] = copy.deepcopy(PROFILES["fidelity"]["sections"])
+PROFILES["fidelity_methods"]["sections"]["model_args"] = {"model": "resnet_tiny", "model_kwargs": {"width": 0.25,
+                                                                                                   "num_classes": 10}}
+PROFILES["fidelity_methods"]["sections"]["train_args"]["diagnostics"] = False
+PROFILES["fidelity_methods"]["sections"]["prism_args"].update(kappa=4.0, warmup_rounds=0)  # the package defaults
+PROFILES["fidelity_methods"]["sections"]["method_args"] = {"superfed": {"widths": [0.125, 0.25, 0.5, 0.75, 1.0]}}
 
 
 def _partition_name(method: str, alpha: float | None) -> str:
@@ -330,8 +360,9 @@ def plan_runs(
             for strategy in overrides.get("strategies") or profile["strategies"]:
                 variant = profile.get("variants", {}).get(strategy, {})
                 base = variant.get("prism_args", {}).get("strategy", strategy)
-                if base == "full" and keep != keeps[0]:
-                    continue  # full FedAvg does not depend on the keep ratio
+                no_keep = base == "full" or base in OTHER_METHODS
+                if no_keep and keep != keeps[0]:
+                    continue  # full FedAvg and the other methods do not use the keep ratio
                 if keep not in variant.get("keep_ratios", [keep]) or (
                     _partition_name(method, alpha) not in variant.get("partitions", [_partition_name(method, alpha)])
                 ):
@@ -351,12 +382,12 @@ def plan_runs(
                         sections["data_args"]["data_path"] = overrides["data_path"]
                     bench_yaml = os.path.join(os.getcwd(), "bench.yaml")
                     real = keep
-                    if match is not None and base != "full":
+                    if match is not None and not no_keep:
                         if (base, keep) not in matched:
                             matched[(base, keep)] = matched_keep(base, keep, job_from_sections(sections, bench_yaml))
                         real = sections["prism_args"]["keep_ratio"] = matched[(base, keep)]
-                    key = {"partition": _partition_name(method, alpha), "keep_ratio": keep if base != "full" else 1.0,
-                           "actual_keep": real if base != "full" else 1.0, "strategy": strategy, "seed": seed}
+                    key = {"partition": _partition_name(method, alpha), "keep_ratio": keep if not no_keep else 1.0,
+                           "actual_keep": real if not no_keep else 1.0, "strategy": strategy, "seed": seed}
                     # full keeps its historical folder name (nominal first keep): it does not use the ratio
                     out = os.path.join(base_dir, "runs", f"{key['partition']}_{strategy}_k{real:g}_s{seed}")
                     runs.append((key, job_from_sections(sections, bench_yaml, out)))
@@ -383,7 +414,8 @@ def run_bench(
         raise ValueError(f"--profile {profile_name!r} is invalid: allowed {', '.join(PROFILES)}")
     overrides = overrides or {}
     out_dir = os.path.abspath(out_dir)
-    runs = plan_runs(PROFILES[profile_name], out_dir, overrides, match=match)
+    profile = PROFILES[profile_name]
+    runs = plan_runs(profile, out_dir, overrides, match=match)
     # loads the data once before any training: missing dataset files fail here, and every run
     # shares the dataset, so one real sample probes every run's costs in the data's dtype and shape
     example = load_data(runs[0][1]).x_train[:1].clone()
@@ -391,16 +423,22 @@ def run_bench(
     started = last_plot = time.time()
     for i, (key, job) in enumerate(runs, 1):
         log.info("bench %d/%d: %s", i, len(runs), key)
-        server = run_sp(job, resume=True, progress=False)
         row = dict(key)
-        row.update(summarize(server, example))
+        if job.prism.strategy in OTHER_METHODS:
+            row.update(run_method(job, resume=True, progress=False))
+            metrics = _read_metrics(job.settings.output_dir) or []
+        else:
+            server = run_sp(job, resume=True, progress=False)
+            row.update(summarize(server, example))
+            row["dense_params"] = sum(p.numel() for p in server.pm.dense_model().parameters())
+            if profile.get("memory"):
+                row["peak_train_mb"] = submodel_peak_train_mb(job, server, example)
+            metrics = _read_metrics(job.settings.output_dir) or server.metrics
         row["strategy"] = key["strategy"]  # a variant's name, not its base strategy
-        row["base_strategy"] = server.config.strategy
+        row["base_strategy"] = job.prism.strategy
         row["keep_ratio"] = key["keep_ratio"]
         row["actual_keep"] = key["actual_keep"]
-        row["dense_params"] = sum(p.numel() for p in server.pm.dense_model().parameters())
         row["budget"] = row["client_params"] / row["dense_params"]
-        metrics = _read_metrics(job.settings.output_dir) or server.metrics
         row["curve"] = [_num(m.get("test_acc")) for m in metrics]
         row["run_dir"] = os.path.relpath(job.settings.output_dir, out_dir)
         results.append(row)
@@ -458,7 +496,9 @@ def aggregate_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "final_acc": stat("final_acc"), "best_acc": stat("best_acc"),
             "last3_acc": _last3([r.get("curve") or [] for r in rows]),
             "client_params": rows[0]["client_params"], "client_macs": rows[0]["client_macs"],
-            "dense_macs": rows[0]["dense_macs"], "budget": statistics.fmean(budgets) if budgets else None,
+            "dense_macs": rows[0].get("dense_macs"), "budget": statistics.fmean(budgets) if budgets else None,
+            "peak_train_mb": _fmean(r.get("peak_train_mb") for r in rows),
+            "setting": rows[0].get("setting", ""), "method": rows[0].get("base_strategy") in OTHER_METHODS,
             "bytes_per_round": statistics.fmean(r["bytes_per_round"] for r in rows),
             "wall_s": statistics.fmean(r["wall_s"] for r in rows),
         })
@@ -482,19 +522,22 @@ def _last3(curves: list[list[Any]]) -> float:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The results table: one line per aggregated row, sorted by partition, keep and strategy."""
-    lines = ["| partition | strategy | keep | actual keep | budget (% of dense params) | final acc (%) | "
-             "gap to full (pts) | last 3 evals (%) | best acc (%) | client params | client MACs | MB / round | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| partition | strategy | setting | keep | actual keep | budget (% of dense params) | final acc (%) | "
+             "gap to full (pts) | last 3 evals (%) | best acc (%) | client params | client MACs | peak train MB | "
+             "MB / round | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["partition"], r["keep_ratio"], r["strategy"])):
         (fm, fs), (bm, bs) = r["final_acc"], r["best_acc"]
         budget = "100.0" if r["strategy"] == "full" else (
             f"{100 * r['budget']:.1f}" if r.get("budget") is not None else "")
         gap = f"{100 * r['gap_to_full']:+.2f}" if r.get("gap_to_full") is not None else ""
+        keep = ("—", "—") if r.get("method") else (f"{r['keep_ratio']:g}", f"{r.get('actual_keep', r['keep_ratio']):.4g}")
         lines.append(
-            f"| {r['partition']} | {r['strategy']} | {r['keep_ratio']:g} | {r.get('actual_keep', r['keep_ratio']):.4g} | "
+            f"| {r['partition']} | {r['strategy']} | {r.get('setting', '')} | {keep[0]} | {keep[1]} | "
             f"{budget} | {100 * fm:.2f} ± {100 * fs:.2f} | {gap} | {_fmt(100 * _num(r.get('last3_acc')), 2)} | "
             f"{100 * bm:.2f} ± {100 * bs:.2f} | "
-            f"{r['client_params']:,} | {r['client_macs']:,} | {r['bytes_per_round'] / 1e6:.2f} | {r['wall_s']:.0f} |"
+            f"{r['client_params']:,} | {r['client_macs']:,} | {_fmt(_num(r.get('peak_train_mb')), 1)} | "
+            f"{r['bytes_per_round'] / 1e6:.2f} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -626,17 +669,18 @@ def plot_accuracy(out_dir: str, results: list[dict[str, Any]]) -> list[str]:
     from matplotlib.ticker import MaxNLocator
 
     written = []
-    figures = [("accuracy_vs_round", lambda r: r["strategy"] in STRATEGIES)]
-    if any(r["strategy"] not in STRATEGIES for r in results):  # variants: with prism and full at their keep
-        variant_keeps = {r["keep_ratio"] for r in results if r["strategy"] not in STRATEGIES}
-        figures.append(("ablations", lambda r: r["strategy"] not in STRATEGIES or r["strategy"] == "full"
+    named = STRATEGIES + OTHER_METHODS  # everything else is a variant
+    figures = [("accuracy_vs_round", lambda r: r["strategy"] in named)]
+    if any(r["strategy"] not in named for r in results):  # variants: with prism and full at their keep
+        variant_keeps = {r["keep_ratio"] for r in results if r["strategy"] not in named}
+        figures.append(("ablations", lambda r: r["strategy"] not in named or r["strategy"] == "full"
                         or (r["strategy"] == "prism" and r["keep_ratio"] in variant_keeps)))
     for (stem, keep_row), partition in [(f, p) for f in figures for p in sorted({r["partition"] for r in results})]:
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for r in results:
             if r["partition"] == partition and keep_row(r):
                 groups.setdefault((r["strategy"], r["keep_ratio"]), []).append(r)
-        if stem == "ablations" and not any(s not in STRATEGIES for s, _ in groups):
+        if stem == "ablations" and not any(s not in named for s, _ in groups):
             continue
         full = next((rows for (s, _), rows in groups.items() if s == "full"), None)
         full_curve = _mean_curve([r["curve"] for r in full]) if full else None
@@ -644,7 +688,8 @@ def plot_accuracy(out_dir: str, results: list[dict[str, Any]]) -> list[str]:
         for i, ((strategy, keep), rows) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0]))):
             budgets = [b for b in (_budget(r, results) for r in rows) if b is not None]
             budget = f"{100 * statistics.fmean(budgets):.1f} %" if budgets else "?"
-            label = f"{strategy} (keep {rows[0].get('actual_keep', keep):.3g}, budget {budget})"
+            kept = "" if rows[0].get("base_strategy") in OTHER_METHODS else f"keep {rows[0].get('actual_keep', keep):.3g}, "
+            label = f"{strategy} ({kept}budget {budget})"
             curve = _mean_curve([r["curve"] for r in rows])
             styles = {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[i // 10 % 3]}
             ax.plot(*_finite_points(curve), marker=".", label=label, **styles)

@@ -16,6 +16,11 @@ PRINCIPAL_STRATEGIES = ("prism", "uniform", "orthdrop")
 #: Strategies that keep the dense model and cut original channels (or none for ``full``).
 CHANNEL_STRATEGIES = ("origdrop", "rolex", "full")
 STRATEGIES = PRINCIPAL_STRATEGIES + CHANNEL_STRATEGIES
+#: Other methods (``fedml_prism.strategies``: their own training loops, sp and bench only; options in
+#: the yaml's ``method_args`` section). A ``PrismConfig`` may name them so one config and one bench
+#: schedule serve every method; ``PrincipalModel`` refuses them.
+OTHER_METHODS = ("layerwise", "fedgkt", "superfed")
+ALL_STRATEGIES = STRATEGIES + OTHER_METHODS
 WEIGHTINGS = ("uniform", "samples")
 SVD_DTYPES = ("float32", "float64")
 #: How a client's factors carry σ: ``frozen`` (the paper's text: unit ``u``, ``v`` trained, σ a frozen
@@ -24,7 +29,7 @@ FACTOR_SCALES = ("frozen", "sqrt")
 #: What happens to the clients' SGD momentum between rounds: ``reset`` (a fresh optimizer each round)
 #: or ``aggregate`` (the server aggregates the buffers like the weights and sends them back).
 OPTIMIZER_STATES = ("reset", "aggregate")
-#: Which layers become principal kernels (see :func:`fedml_prism.decompose.classify_layers`):
+#: Which layers become principal kernels (see :func:`fedml_prism.engine.decompose.classify_layers`):
 #: ``default`` (every Conv2d / Linear / attention projection that saves, except the first layer on raw
 #: input, the classifier and residual shortcut convs) or ``paper`` (the paper's rule).
 RULES = ("default", "paper")
@@ -108,8 +113,8 @@ class PrismConfig:
     warmup_rounds: int = 0
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            _fail("strategy", self.strategy, f"one of {', '.join(STRATEGIES)}")
+        if self.strategy not in ALL_STRATEGIES:
+            _fail("strategy", self.strategy, f"one of {', '.join(ALL_STRATEGIES)}")
         object.__setattr__(self, "keep_ratio", _check_ratio("keep_ratio", self.keep_ratio))
         if self.capacities is not None:
             object.__setattr__(self, "capacities", self._check_capacities(self.capacities))

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .config import PrismConfig
-from .costs import layer_costs
-from .models import create_model
-from .runner import Job, load_data
-from .server import PrismClient, PrismServer
-from .train import evaluate
+from ..engine.config import OTHER_METHODS, PrismConfig
+from ..engine.costs import layer_costs
+from ..engine.server import PrismClient, PrismServer
+from ..engine.train import evaluate
+from ..job import Job, load_data
+from ..workloads.models import create_model
 
 log = logging.getLogger("fedml_prism")
 
@@ -73,6 +73,8 @@ def summarize(server: PrismServer, example: torch.Tensor) -> dict[str, Any]:
     """Final/best accuracy and per-round client costs of a finished run; MACs are measured on the
     first sample of ``example``, a batch of the run's real inputs (``x_train[:1]``), so every dataset
     probes the model with its own dtype and shape (token ids for the LSTMs)."""
+    from ..strategies import setting_of
+
     accs = [m["test_acc"] for m in server.metrics if not math.isnan(m["test_acc"])]
     pm = server.pm
     sub = pm.sample_submodel(client_id=0, round_idx=server.round_idx, record=False)
@@ -89,7 +91,61 @@ def summarize(server: PrismServer, example: torch.Tensor) -> dict[str, Any]:
         "dense_macs": sum(c[2] for c in dense_costs.values()),
         "bytes_per_round": sum(m["bytes_down"] + m["bytes_up"] for m in server.metrics) / rounds,
         "wall_s": server.metrics[-1]["elapsed_s"] if server.metrics else 0.0,
+        "setting": setting_of(server.config.strategy),
     }
+
+
+def run_method(job: Job, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """One of the other methods (``layerwise``, ``fedgkt``, ``superfed``: :mod:`fedml_prism.strategies`)
+    on the job's data, model, schedule and seed (the same clients per round as PriSM's runs); its
+    metrics and checkpoint go to the job's output folder. Returns its summary row."""
+    from ..strategies import method_module, setting_of
+
+    module = method_module(job.prism.strategy)
+    torch.manual_seed(job.prism.seed)
+    if job.flat.get("torch_threads"):
+        torch.set_num_threads(int(job.flat["torch_threads"]))
+    model = create_model(job.model, init=job.model_init, **job.model_kwargs)
+    options = job.method_args.get(job.prism.strategy) or {}
+    result = module.run(model, load_data(job), job.settings, options, job.prism.seed, resume=resume, progress=progress)
+    row = {"strategy": job.prism.strategy, "keep_ratio": float("nan"), "setting": setting_of(job.prism.strategy, options)}
+    row.update(result.summary)
+    row["client_macs"] = int(row.get("client_macs", 0))
+    return row
+
+
+def submodel_peak_train_mb(job: Job, server: PrismServer, example: torch.Tensor) -> float:
+    """Peak resident memory (MB) of a client training its sub-model, measured in a fresh process
+    (:func:`fedml_prism.strategies.base.peak_train_memory_mb`): the sub-model is built from its wire
+    payload on a meta-device template, as a client builds it, never from the dense weights."""
+    import functools
+    import tempfile
+
+    from ..strategies.base import peak_train_memory_mb
+
+    sub = server.pm.sample_submodel(client_id=0, round_idx=server.round_idx, record=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "payload.pt")
+        torch.save(sub.to_payload("down"), path)
+        batch = example.expand(job.settings.batch_size, *example.shape[1:]).clone()
+        build = functools.partial(_client_submodel, path, job.model, job.model_init, dict(job.model_kwargs),
+                                  server.config.static_bn, batch)
+        return peak_train_memory_mb(build)
+
+
+def _client_submodel(path: str, model: str, init: str, kwargs: dict[str, Any], static_bn: bool,
+                     batch: torch.Tensor) -> tuple[torch.nn.Module, Any]:
+    """In the measuring process: the sub-model from its payload and one step's loss on ``batch``."""
+    from ..engine.attention import convert_attention
+    from ..engine.layers import convert_static_bn
+    from ..engine.submodel import SubModel
+
+    template = create_model(model, init=init, **kwargs)
+    template = convert_attention(convert_static_bn(template) if static_bn else template).to("meta")
+    module = SubModel.from_payload(torch.load(path, weights_only=True), template).module.train()
+    out_dim = module(batch[:1]).shape[-1]
+    labels = torch.randint(0, out_dim, (batch.shape[0],), generator=torch.Generator().manual_seed(0))
+    return module, lambda: torch.nn.functional.cross_entropy(module(batch), labels)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -117,8 +173,10 @@ def run_comparison(job: Job, resume: bool = False) -> list[dict[str, Any]]:
             prism = PrismConfig.from_mapping({**job.prism.to_dict(), "strategy": strategy})
             settings = dataclasses.replace(job.settings, output_dir=os.path.join(base_dir, strategy))
             sub_job = dataclasses.replace(job, prism=prism, settings=settings)
-        server = run_sp(sub_job, resume=resume)
-        rows.append(summarize(server, example))
+        if strategy in OTHER_METHODS:
+            rows.append(run_method(sub_job, resume=resume))
+        else:
+            rows.append(summarize(run_sp(sub_job, resume=resume), example))
     table = format_table(rows)
     print(table)
     os.makedirs(base_dir, exist_ok=True)

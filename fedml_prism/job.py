@@ -1,33 +1,28 @@
-"""``fedml-prism run --cf fedml_config.yaml``: one config, every FedML runtime.
+"""A job: one ``fedml_config.yaml`` read and validated into everything a run needs, and its data.
 
-- ``training_type: simulation`` + ``backend: sp``: FedML 0.9.6 ignores custom trainers/aggregators in
-  its own sp simulator, so the same ``PrismClientTrainer`` / ``PrismServerAggregator`` are driven
-  in-process here, with FedML's args and dataset format.
-- ``training_type: cross_silo`` + ``backend: MPI | GRPC | MQTT_S3``: ``FedMLRunner`` with the PriSM
-  trainer/aggregator; ``worker_num`` processes serve ``client_num_in_total`` PriSM clients (FedML's own
-  client counts are set to the number of worker processes, see :mod:`fedml_prism.fedml_glue`).
-
-The whole config is validated before any work starts.
+Below every runtime (``runtimes.simulation``, ``runtimes.cross_silo``, ``runtimes.cross_device``) and
+the tools: they take a :class:`Job`; nothing here imports them. The whole config is validated before
+any work starts (cross-device checks included: :func:`check_cross_device`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from .config import STRATEGIES, PrismConfig
-from .data import PARTITIONS, FederatedData, load_federated
-from .decompose import little_saving_warning
-from .models import check_init_scheme, create_model
-from .security import KEYS as SECURITY_KEYS
-from .security import SecuritySettings, scrub_logs, secret_values
-from .server import RunSettings
+from .engine.config import ALL_STRATEGIES, OTHER_METHODS, PrismConfig
+from .engine.server import RunSettings
+from .runtimes.mnn_sandbox import ParseLimits
+from .runtimes.security import KEYS as SECURITY_KEYS
+from .runtimes.security import SecuritySettings
+from .workloads.data import PARTITIONS, FederatedData, load_federated
+from .workloads.models import check_init_scheme, create_model
 
 log = logging.getLogger("fedml_prism")
 
@@ -56,6 +51,7 @@ class Job:
     compare: list[str] = field(default_factory=list)
     partition_disjoint: bool = True
     model_init: str = "default"
+    method_args: dict[str, Any] = field(default_factory=dict)
 
 
 def read_config(path: str) -> dict[str, dict[str, Any]]:
@@ -83,7 +79,7 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
     """Validate config sections (as read from a fedml_config.yaml) into a :class:`Job`."""
     flat: dict[str, Any] = {}
     for name, section in sections.items():
-        if name == "prism_args":
+        if name in ("prism_args", "method_args"):
             continue
         flat.update(section)
     prism = PrismConfig.from_mapping(sections.get("prism_args", {}))
@@ -111,8 +107,8 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
     check_init_scheme(model_init)
     compare = list(flat.get("compare_strategies") or [])
     for s in compare:
-        if s not in STRATEGIES:
-            raise ValueError(f"compare_strategies entry {s!r} is invalid: allowed {', '.join(STRATEGIES)}")
+        if s not in ALL_STRATEGIES:
+            raise ValueError(f"compare_strategies entry {s!r} is invalid: allowed {', '.join(ALL_STRATEGIES)}")
     worker_num = int(flat.get("worker_num", 1))
     if training_type == "cross_silo" and not 1 <= worker_num <= settings.client_num_per_round:
         raise ValueError(
@@ -123,16 +119,32 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
         backend=backend, dataset=flat.get("dataset", "digits"), partition_method=method,
         partition_alpha=float(flat.get("partition_alpha", 0.5)), model=flat.get("model", "cnn"),
         model_kwargs=dict(flat.get("model_kwargs") or {}), worker_num=worker_num, compare=compare,
-        partition_disjoint=disjoint, model_init=model_init,
+        partition_disjoint=disjoint, model_init=model_init, method_args=dict(sections.get("method_args") or {}),
     )
+    _check_methods(job)
     create_model(job.model, init=job.model_init, **job.model_kwargs)  # fail early on a bad model name or keyword
     if training_type == "cross_device":
-        from .cross_device import validate
-
-        validate(job)
+        check_cross_device(job)
     if training_type != "simulation":
         SecuritySettings.from_flat(flat, os.path.dirname(job.path), rank=0)  # files and values, before any work
     return job
+
+
+def _check_methods(job: Job) -> None:
+    """The other methods (``layerwise``, ``fedgkt``, ``superfed``) run in-process only; their options
+    (``method_args: {<method>: {...}}``) are checked here, before any work."""
+    from .strategies import method_options
+
+    unknown = sorted(set(job.method_args) - set(OTHER_METHODS))
+    if unknown:
+        raise ValueError(f"method_args has unknown key(s) {unknown}: allowed {list(OTHER_METHODS)}, each a mapping of "
+                         "that method's options")
+    used = [m for m in [job.prism.strategy, *job.compare] if m in OTHER_METHODS]
+    if used and (job.training_type, job.backend) != ("simulation", "sp"):
+        raise ValueError(f"strategy={used[0]!r} is invalid for {job.training_type}/{job.backend}: allowed simulation/sp "
+                         "(the other methods have their own in-process training loop)")
+    for name in used:
+        method_options(name, job.method_args.get(name))
 
 
 def load_data(job: Job) -> FederatedData:
@@ -147,43 +159,38 @@ def load_data(job: Job) -> FederatedData:
     )
 
 
-def _setup_logging() -> None:
-    root = logging.getLogger("fedml_prism")
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[fedml_prism] %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    root.propagate = False
+def edge_ids(job: Job) -> list[int]:
+    """The devices' edge ids: ``client_id_list`` (a list or FedML's JSON string) or 1..client_num_in_total."""
+    raw = job.flat.get("client_id_list")
+    if raw in (None, "", "[]"):
+        return list(range(1, job.settings.client_num_in_total + 1))
+    ids = json.loads(raw) if isinstance(raw, str) else list(raw)
+    return [int(i) for i in ids]
 
 
-def main(cli: argparse.Namespace) -> int:
-    _setup_logging()
-    job = build_job(cli.cf, cli.output_dir)
-    scrub_logs(secret_values(job.flat))  # FedML logs args.__dict__, broker and S3 credentials included
-    if warning := little_saving_warning(create_model(job.model, **job.model_kwargs), job.prism):
-        log.warning(warning)
-    if getattr(cli, "role", None) == "device" and job.training_type != "cross_device":
-        raise ValueError(f"--role device is only for training_type: cross_device, not {job.training_type}")
-    if getattr(cli, "check", False):
-        print(f"config OK: {job.training_type}/{job.backend}, strategy={job.prism.strategy}, "
-              f"keep_ratio={job.prism.keep_ratio}, {job.settings.client_num_in_total} clients, "
-              f"{job.settings.client_num_per_round} per round, {job.settings.comm_round} rounds, "
-              f"model={job.model}, dataset={job.dataset}, output_dir={job.settings.output_dir}")
-        return 0
-    if job.training_type == "simulation":
-        from .simulation import run_comparison
+def input_shape(job: Job) -> tuple[int, ...]:
+    """The model's input ``[C, H, W]`` (``input_shape``, or from the built-in models' keywords)."""
+    shape = job.flat.get("input_shape")
+    if shape is None:
+        kw = job.model_kwargs
+        size = kw.get("image_size", 32)
+        shape = (kw.get("in_channels", 1 if job.model == "cnn" else 3), size, size)
+    return tuple(int(d) for d in shape)
 
-        run_comparison(job, resume=cli.resume)
-        return 0
-    if job.training_type == "cross_device":
-        from .cross_device import run_device, run_server
 
-        if cli.role == "device":
-            if cli.edge_id is None:
-                raise ValueError("--role device needs --edge-id (one of client_id_list)")
-            return run_device(job, cli.edge_id)
-        return run_server(job, run_id=cli.run_id)
-    from .cross_silo import run_cross_silo
-
-    return run_cross_silo(job, rank=cli.rank, role=cli.role, run_id=cli.run_id, resume=cli.resume)
+def check_cross_device(job: Job) -> None:
+    """Cross-device specific checks, before any work starts."""
+    ids = edge_ids(job)
+    n = job.settings.client_num_in_total
+    if len(ids) != n or len(set(ids)) != n:
+        raise ValueError(f"client_id_list={ids} is invalid: allowed {n} distinct edge ids (client_num_in_total={n}),"
+                         " one per device; device i trains data partition i")
+    for key in ("customized_training_mqtt_config", "customized_training_s3_config"):
+        if not isinstance(job.flat.get(key), dict):
+            raise ValueError(f"{key} is missing: cross_device needs the broker and S3 settings in comm_args")
+    if job.prism.optimizer_state != "reset":
+        raise ValueError(f"optimizer_state={job.prism.optimizer_state!r} is invalid for cross_device: allowed reset"
+                         " (MNN devices train with their own optimizer and return no momentum buffers)")
+    if len(input_shape(job)) != 3:
+        raise ValueError(f"input_shape={input_shape(job)} is invalid: cross_device exports image models [C, H, W]")
+    ParseLimits.from_flat(job.flat)  # mnn_parse_timeout_s / mnn_parse_memory_mb

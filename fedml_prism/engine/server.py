@@ -3,7 +3,7 @@
 ``PrismServer`` selects clients, hands out sub-model payloads (one per client, or bundled per worker
 process so one process can train several clients a round), aggregates, evaluates, logs one line per
 round, writes ``metrics.csv`` / ``metrics.json`` and checkpoints. ``PrismClient`` trains payloads.
-The FedML glue (:mod:`fedml_prism.fedml_glue`) wraps these two; every runtime goes through them.
+The FedML glue (:mod:`fedml_prism.runtimes.fedml_glue`) wraps these two; every runtime goes through them.
 """
 
 from __future__ import annotations
@@ -377,7 +377,7 @@ class PrismClient:
         g = make_generator(self.config.seed, "data", round_idx, client_id)
         loader = DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=True, generator=g)
         if self.settings.augment == "flip_crop":
-            return _FlipCrop(loader, make_generator(self.config.seed, "augment", round_idx, client_id))
+            return FlipCrop(loader, make_generator(self.config.seed, "augment", round_idx, client_id))
         return loader
 
     def learning_rate(self, round_idx: int) -> float:
@@ -433,25 +433,30 @@ class PrismClient:
         return pack_bundle(out)
 
 
-class _FlipCrop:
-    """Random horizontal flip and 4-pixel-padded random crop of image batches (paper appendix A),
-    drawn from a seeded generator."""
+def flip_crop(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random horizontal flip and 4-pixel-padded random crop of an image batch (paper appendix A),
+    drawn from ``generator``."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    dx = torch.randint(0, 9, (n,), generator=generator)
+    dy = torch.randint(0, 9, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, x.shape[1], h, w + 8)
+    x = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
+    return x.gather(3, cols)
+
+
+class FlipCrop:
+    """A loader's image batches through :func:`flip_crop`, drawn from a seeded generator."""
 
     def __init__(self, loader: DataLoader, generator: torch.Generator) -> None:
         self.loader, self.g = loader, generator
 
     def __iter__(self):
         for x, y in self.loader:
-            n, _, h, w = x.shape
-            flip = torch.rand(n, generator=self.g) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-            dx = torch.randint(0, 9, (n,), generator=self.g)
-            dy = torch.randint(0, 9, (n,), generator=self.g)
-            rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, x.shape[1], h, w + 8)
-            x = padded.gather(2, rows)
-            cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
-            yield x.gather(3, cols), y
+            yield flip_crop(x, self.g), y
 
 
 def _fmt(x: float) -> str:

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .config import STRATEGIES
+from ..engine.config import STRATEGIES
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -51,11 +51,11 @@ def _model_kwargs(items: Sequence[str]) -> dict[str, object]:
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
-    from .config import PrismConfig
-    from .costs import INPUT_DTYPES, format_costs, probe_input, submodel_costs
-    from .decompose import little_saving_warning
-    from .models import create_model
-    from .principal import PrincipalModel
+    from ..engine.config import PrismConfig
+    from ..engine.costs import INPUT_DTYPES, format_costs, probe_input, submodel_costs
+    from ..engine.decompose import little_saving_warning
+    from ..engine.principal import PrincipalModel
+    from ..workloads.models import create_model
 
     if args.input_dtype != "auto" and args.input_dtype not in INPUT_DTYPES:
         raise ValueError(f"--input-dtype {args.input_dtype!r} is invalid: allowed auto, {', '.join(INPUT_DTYPES)}")
@@ -79,7 +79,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
-    from .runner import _setup_logging
+    from .run import _setup_logging
 
     _setup_logging()
     overrides = {
@@ -111,7 +111,7 @@ def _partition(text: str) -> tuple[str, float | None]:
 def cmd_rank(args: argparse.Namespace) -> int:
     import torch
 
-    from .rank import plot_rank, rank_report
+    from ..engine.rank import plot_rank, rank_report
 
     if not os.path.isfile(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint!r} does not exist")
@@ -130,7 +130,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from .runner import build_job, load_data
+    from ..job import build_job, load_data
 
     job = build_job(args.cf)
     data = load_data(job)
@@ -165,13 +165,13 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import main as run_main
+    from .run import main as run_main
 
     return run_main(args)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from .security import write_keys
+    from ..runtimes.security import write_keys
 
     for path in write_keys(args.out, args.workers):
         print(path)

@@ -67,7 +67,7 @@ def _is_linear(module: nn.Module, rule: str) -> bool:
 
 def _inside_torch_attention(model: nn.Module) -> set[str]:
     """Submodules of ``nn.MultiheadAttention`` (it applies their weights functionally, so they cannot be
-    swapped for principal layers; :func:`~fedml_prism.attention.convert_attention` makes them modules)."""
+    swapped for principal layers; :func:`~fedml_prism.engine.attention.convert_attention` makes them modules)."""
     return {
         f"{name}.{sub}" if name else sub
         for name, m in model.named_modules()
@@ -301,7 +301,7 @@ def _dense_reason(name: str, module: nn.Module, hidden: set[str], own: list[str]
         kind = "depthwise" if module.groups == module.in_channels == module.out_channels else "grouped"
         return f"{kind} conv (groups={module.groups}): only groups=1 convs are factorized"
     if isinstance(module, nn.MultiheadAttention):
-        return "nn.MultiheadAttention not converted (fedml_prism.attention.convert_attention)"
+        return "nn.MultiheadAttention not converted (fedml_prism.engine.attention.convert_attention)"
     if name in hidden:
         return "projection of an unconverted nn.MultiheadAttention"
     if isinstance(module, nn.Linear):

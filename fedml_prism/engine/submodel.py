@@ -41,7 +41,7 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
     return skeleton
 
 
-def _resized(module: nn.Module, rows: int | None, cols: int | None) -> nn.Module:
+def resized(module: nn.Module, rows: int | None, cols: int | None) -> nn.Module:
     """A meta-device copy of a Conv2d / Linear / BatchNorm with fewer output / input channels."""
     if isinstance(module, nn.Conv2d):
         out_c = rows if rows is not None else module.out_channels
@@ -81,7 +81,7 @@ def build_module(
     for name, rank in (ranks or {}).items():
         set_submodule(module, name, principal_like(module.get_submodule(name), rank, "meta"))
     for name, (rows, cols) in (cut or {}).items():
-        set_submodule(module, name, _resized(module.get_submodule(name), rows, cols))
+        set_submodule(module, name, resized(module.get_submodule(name), rows, cols))
     module = module.to_empty(device=device)
     try:
         module.load_state_dict(state, strict=True)

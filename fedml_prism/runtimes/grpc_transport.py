@@ -6,7 +6,7 @@ the message itself, binds ``0.0.0.0`` when the CSV lacks its rank, and speaks pl
 ``PrismGrpcCommManager`` keeps FedML's service (the generated ``gRPCCommManager`` stubs, so the wire
 protocol stays FedML's) and its message loop, and changes what is trusted:
 
-- a request's bytes are a :mod:`fedml_prism.wire` frame, decoded and checked in the gRPC thread
+- a request's bytes are a :mod:`fedml_prism.runtimes.wire` frame, decoded and checked in the gRPC thread
   (size cap, header, run, receiver, known sender equal to the request's ``client_id``, HMAC, digest,
   no replay); a rejected frame is logged with its reason and dropped, and the peer still gets the
   ordinary empty answer, so a rogue learns nothing and the server loop never sees it;

@@ -9,7 +9,7 @@ and message protocol and changes what travels and what is believed:
 - topics (FedML's): the server publishes to worker ``w`` on ``fedml_<run>_0_<w>`` and listens on
   ``fedml_<run>_<w>``; worker ``w`` the other way round. The sender of a message is the topic it came
   on, never a field of it;
-- every message is a :mod:`fedml_prism.wire` frame. A frame without tensors of at most
+- every message is a :mod:`fedml_prism.runtimes.wire` frame. A frame without tensors of at most
   ``INLINE_MAX_BYTES`` is the MQTT payload itself; any other frame is put in S3 as one object
   (``put_object`` without an ACL: private to the bucket's owner) under ``fedml_<run>_<sender>_<32 hex>``
   (a fresh uuid4), announced on the topic by ``{"key": ..., "size": ..., "sha256": ...}``;
@@ -245,7 +245,7 @@ def _no_constant(name: str) -> Any:
 # ------------------------------------------------------------------------------ the communication manager
 class PrismMqttS3CommManager(BaseCommunicationManager):
     """FedML's MQTT_S3 communication manager for party ``rank`` of a job with ``size`` workers, carrying
-    :mod:`fedml_prism.wire` frames (see the module doc). Attributes FedML's and PriSM's managers read:
+    :mod:`fedml_prism.runtimes.wire` frames (see the module doc). Attributes FedML's and PriSM's managers read:
     ``codec``, ``_topic``, ``topic``, ``client_id``, ``broker_host``, ``broker_port``, ``mqtt_user``,
     ``mqtt_pwd``, ``server_id``, ``edge_id``, ``client_real_ids``, ``is_connected``."""
 

@@ -5,7 +5,7 @@ The server is FedML 0.9.6's cross-device ``FedMLServerManager`` (``cross_device/
 
 - **one graph per device.** FedML uploads one global ``.mnn`` file and sends every device the same
   S3 key (``send_init_msg`` reuses the first URL/key). Here each selected device's sub-model is
-  exported as its own MNN graph (:class:`~fedml_prism.mnn_export.MnnExporter`) and uploaded under
+  exported as its own MNN graph (:class:`~fedml_prism.runtimes.mnn_export.MnnExporter`) and uploaded under
   its own key; the server remembers which principal components each device got and the graph's
   parameter map, and maps the trained graph back onto the sub-model's payload for Eq. 3;
 - **a start message devices can use.** FedML's local ``start_train`` sends a fixed ``runId`` of 189
@@ -23,13 +23,13 @@ The server is FedML 0.9.6's cross-device ``FedMLServerManager`` (``cross_device/
   (``head_object``) against ``security_args.max_message_mb`` before it is downloaded, to a file name
   the server makes in its cache folder; ``num_samples`` must be an integer in ``[1, MAX_SAMPLES]``;
   the graph is parsed in a child process with a time and a memory limit
-  (:mod:`fedml_prism.mnn_sandbox`) and its parameters are checked (count, shapes, float32, finite)
+  (:mod:`fedml_prism.runtimes.mnn_sandbox`) and its parameters are checked (count, shapes, float32, finite)
   before the engine's own checks. Each refusal is logged with its reason and the round goes on; no
   handler lets an exception out of the message loop. The server's uploads are private (no
   ``public-read`` ACL); devices download them with the bucket's credentials, as the SDK does.
   What only the broker can close (ACLs: each device publishes on its own topics only): anyone who
   may publish on a device's topic speaks as that device, and on the shared last-will topic;
-- **evaluation on the rebuilt dense model** in PyTorch (:class:`~fedml_prism.server.PrismServer`),
+- **evaluation on the rebuilt dense model** in PyTorch (:class:`~fedml_prism.engine.server.PrismServer`),
   plus the global model written as an MNN graph to ``global_model_file_path`` every round.
 
 FedML defects worked around here (FedML's files are not edited):
@@ -43,9 +43,9 @@ FedML defects worked around here (FedML's files are not edited):
   and the file is later deleted by that name), any size, from any topic's claimed sender; FedML's
   receive path is replaced by :class:`PrismMnnCommManager`'s (see above).
 - ``cross_device/server_mnn/utils.py:18``: ``load_module(..., False)`` exposes no parameters under
-  MNN 3.x; graphs are read with ``for_training=True`` (:func:`fedml_prism.mnn_export.load_module`).
+  MNN 3.x; graphs are read with ``for_training=True`` (:func:`fedml_prism.runtimes.mnn_export.load_module`).
 - ``cross_device/server_mnn/fedml_aggregator.py:255``: ``loss.read()`` fails in MNN evaluation; the
-  server evaluates the dense PyTorch model instead, and :func:`fedml_prism.mnn_export.evaluate_graph`
+  server evaluates the dense PyTorch model instead, and :func:`fedml_prism.runtimes.mnn_export.evaluate_graph`
   computes the loss from the probabilities.
 """
 
@@ -63,52 +63,16 @@ from typing import Any
 
 import torch
 
+from ..engine.principal import ClientUpdate
+from ..engine.server import MAX_SAMPLES, Deadline, PrismServer
+from ..job import Job, edge_ids, input_shape, load_data
+from ..workloads.models import create_model
 from ._fedml_import import silence_fedml_import_warnings
 from .mnn_sandbox import ParseLimits
-from .models import create_model
-from .principal import ClientUpdate
-from .runner import Job, load_data
-from .server import MAX_SAMPLES, Deadline, PrismServer
 
 log = logging.getLogger("fedml_prism")
 
 DEVICE_LAST_WILL_TOPIC = "flclient_agent/last_will_msg"  # the Android SDK's (EdgeCommunicator.java)
-
-
-def edge_ids(job: Job) -> list[int]:
-    """The devices' edge ids: ``client_id_list`` (a list or FedML's JSON string) or 1..client_num_in_total."""
-    raw = job.flat.get("client_id_list")
-    if raw in (None, "", "[]"):
-        return list(range(1, job.settings.client_num_in_total + 1))
-    ids = json.loads(raw) if isinstance(raw, str) else list(raw)
-    return [int(i) for i in ids]
-
-
-def validate(job: Job) -> None:
-    """Cross-device specific checks, before any work starts."""
-    ids = edge_ids(job)
-    n = job.settings.client_num_in_total
-    if len(ids) != n or len(set(ids)) != n:
-        raise ValueError(f"client_id_list={ids} is invalid: allowed {n} distinct edge ids (client_num_in_total={n}),"
-                         " one per device; device i trains data partition i")
-    for key in ("customized_training_mqtt_config", "customized_training_s3_config"):
-        if not isinstance(job.flat.get(key), dict):
-            raise ValueError(f"{key} is missing: cross_device needs the broker and S3 settings in comm_args")
-    if job.prism.optimizer_state != "reset":
-        raise ValueError(f"optimizer_state={job.prism.optimizer_state!r} is invalid for cross_device: allowed reset"
-                         " (MNN devices train with their own optimizer and return no momentum buffers)")
-    if len(input_shape(job)) != 3:
-        raise ValueError(f"input_shape={input_shape(job)} is invalid: cross_device exports image models [C, H, W]")
-    ParseLimits.from_flat(job.flat)  # mnn_parse_timeout_s / mnn_parse_memory_mb
-
-
-def input_shape(job: Job) -> tuple[int, ...]:
-    shape = job.flat.get("input_shape")
-    if shape is None:
-        kw = job.model_kwargs
-        size = kw.get("image_size", 32)
-        shape = (kw.get("in_channels", 1 if job.model == "cnn" else 3), size, size)
-    return tuple(int(d) for d in shape)
 
 
 URL_EXPIRY_S = 3600  # the presigned GET URL sent with each graph (devices use the key and their credentials)
@@ -125,13 +89,13 @@ class Rejected(ValueError):
 
 def upload_key_pattern(run_id: Any, server_id: Any, edge: int) -> re.Pattern:
     """The S3 keys device ``edge`` uploads under: the topic it downloads on, ``-``, 32 hex digits
-    (the Android SDK's ``topic + "-" + UUID`` without dashes; :class:`~fedml_prism.device.ReferenceDevice`)."""
+    (the Android SDK's ``topic + "-" + UUID`` without dashes; :class:`~fedml_prism.runtimes.device.ReferenceDevice`)."""
     return re.compile(re.escape(f"fedml_{run_id}_{server_id}_{edge}-") + "[0-9a-f]{32}")
 
 
 def sample_count_problem(value: Any) -> str | None:
     """Why a claimed ``num_samples`` is unusable (``None``: an integer in ``[1, MAX_SAMPLES]``), as
-    :func:`fedml_prism.server._scalar` checks the tensors of cross-silo clients."""
+    :func:`fedml_prism.engine.server._scalar` checks the tensors of cross-silo clients."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"num_samples={_short(value)} is invalid: allowed an integer in [1, {MAX_SAMPLES}]"
     if not (math.isfinite(value) and value == int(value) and 1 <= value <= MAX_SAMPLES):
@@ -672,7 +636,7 @@ def fedml_args(job: Job, run_id: str) -> Any:
 
 def run_server(job: Job, run_id: str) -> int:
     """The PriSM cross-device server, until every device has FINISHED (or the deadlines passed)."""
-    from .cross_silo import init_fedml, security_settings
+    from .fedml_env import init_fedml, security_settings
     from .mnn_export import MnnExporter
 
     security = security_settings(job, 0)  # max_message_mb; broker and S3 credentials scrubbed from the logs
@@ -692,7 +656,7 @@ def run_server(job: Job, run_id: str) -> int:
 
 
 def run_device(job: Job, edge_id: int) -> int:
-    """A reference device (:mod:`fedml_prism.device`) serving edge ``edge_id`` of this job."""
+    """A reference device (:mod:`fedml_prism.runtimes.device`) serving edge ``edge_id`` of this job."""
     from .device import ReferenceDevice
 
     if edge_id not in edge_ids(job):

@@ -2,7 +2,7 @@
 
 ``PrismServerManager`` and ``PrismClientManager`` build them in ``_init_manager`` instead of FedML's
 ``GRPCCommManager`` / ``MqttS3MultiClientsCommManager``, which unpickle what peers send. Both carry
-:mod:`fedml_prism.wire` frames (JSON header + safetensors, HMAC when a key is set) and check every frame
+:mod:`fedml_prism.runtimes.wire` frames (JSON header + safetensors, HMAC when a key is set) and check every frame
 before FedML's message handlers see it; a rejected frame is logged with its reason and dropped.
 """
 

@@ -32,7 +32,7 @@ from .aggregate import (
 )
 from .attention import convert_attention, restore_attention
 from .channels import ChannelPlan, channel_plan
-from .config import PrismConfig
+from .config import OTHER_METHODS, STRATEGIES, PrismConfig
 from .decompose import Factors, factorizable_layers
 from .layers import convert_static_bn
 from .rank import effective_kernels
@@ -106,6 +106,9 @@ class PrincipalModel:
 
     def __init__(self, model: nn.Module, config: PrismConfig | None = None) -> None:
         self.config = config or PrismConfig()
+        if self.config.strategy in OTHER_METHODS:
+            raise ValueError(f"strategy={self.config.strategy!r} is invalid for PrincipalModel: allowed "
+                             f"{', '.join(STRATEGIES)} ({self.config.strategy} runs its own loop: fedml_prism.strategies)")
         model = copy.deepcopy(model).cpu()
         if self.config.static_bn:
             model = convert_static_bn(model)
@@ -323,7 +326,7 @@ class PrincipalModel:
     def _refresh(
         self, old: dict[str, Factors], factors: dict[str, Factors], hits: dict[str, Tensor], report: AggregateReport
     ) -> dict[str, Refreshed]:
-        """The orthogonal refresh of every layer (:mod:`fedml_prism.refresh`): in the block form where
+        """The orthogonal refresh of every layer (:mod:`fedml_prism.engine.refresh`): in the block form where
         the layer's previous factors are an exact SVD, else (or if the block form fails) by
         decomposing the dense weight. A layer no form can decompose keeps its aggregated factors."""
         out = {}

@@ -1,0 +1,192 @@
+"""What the other methods (``layerwise``, ``fedgkt``, ``superfed``) share with each other and with
+PriSM's runs, so that ``fedml-prism bench`` compares them on the same footing: the same client
+selection per round (:func:`~fedml_prism.engine.sampling.select_clients` with the run's seed), the same
+per-round metrics rows and files as :class:`~fedml_prism.engine.server.PrismServer`
+(``metrics.json`` / ``metrics.csv`` in the output folder), atomic checkpoints for ``--resume``, one-line
+option errors, and client costs measured rather than counted: trained parameters, forward MACs, and
+the peak resident memory of a training step in a fresh process.
+
+A method module provides ``run(model, data, settings, options, seed, *, resume=False,
+progress=False) -> MethodRun`` and a ``SETTING`` label (what travels, what a client trains).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+#: the "setting" column of bench tables: what a method shares and what a client trains
+WEIGHTS_ONLY = "weights only"
+SHARES_ACTIVATIONS = "shares features, logits and labels"
+TRAINS_FULL_MODEL = "one client trains the full model"
+
+
+@dataclass
+class MethodRun:
+    """A finished (or resumed-to-the-end) run of a method: its per-round metrics rows and summary."""
+
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def options_from(cls: type, values: Mapping[str, Any] | None, section: str = "method_args") -> Any:
+    """A frozen options dataclass from a config mapping; unknown keys raise ``ValueError`` listing the
+    known ones (each dataclass checks its values in ``__post_init__``)."""
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{section} has unknown key(s) {unknown} for this method: allowed keys are {sorted(known)}")
+    return cls(**values)
+
+
+def check_range(name: str, value: Any, lo: float, hi: float, *, integer: bool = False, low_open: bool = False) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is a number in [lo, hi] (``(lo, hi]`` with
+    ``low_open``), an integer when ``integer``."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (lo < value if low_open else lo <= value) and value <= hi
+    if not ok:
+        bracket = "(" if low_open else "["
+        what = "an integer" if integer else "a number"
+        raise ValueError(f"{name}={value!r} is invalid: allowed {what} in {bracket}{lo:g}, {hi:g}]")
+
+
+class MetricsLog:
+    """Per-round rows in PrismServer's schema, written after every round (JSON and CSV, atomically)."""
+
+    def __init__(self, out_dir: str, strategy: str, rows: list[dict[str, Any]] | None = None) -> None:
+        self.out_dir, self.strategy = out_dir, strategy
+        self.rows: list[dict[str, Any]] = list(rows or [])
+        self._start = time.time() - (self.rows[-1]["elapsed_s"] if self.rows else 0.0)
+        os.makedirs(out_dir, exist_ok=True)
+
+    def add(self, round_idx: int, round_start: float, *, test_acc: float = float("nan"),
+            test_loss: float = float("nan"), train_loss: float = float("nan"), clients: int = 0,
+            bytes_down: int = 0, bytes_up: int = 0, **extra: Any) -> dict[str, Any]:
+        now = time.time()
+        row = {"round": round_idx + 1, "strategy": self.strategy, "test_acc": test_acc, "test_loss": test_loss,
+               "train_loss": train_loss, "clients": clients, "bytes_down": int(bytes_down), "bytes_up": int(bytes_up),
+               "round_s": now - round_start, "elapsed_s": now - self._start, **extra}
+        self.rows.append(row)
+        atomic_write(os.path.join(self.out_dir, "metrics.json"), json.dumps(self.rows, indent=1).encode())
+        tmp = os.path.join(self.out_dir, "metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, os.path.join(self.out_dir, "metrics.csv"))
+        return row
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: str, state: Mapping[str, Any]) -> None:
+    """``checkpoint.pt`` in ``out_dir``, atomically (tensors, numbers, strings, lists and dicts only:
+    it is read back with ``weights_only=True``)."""
+    path = os.path.join(out_dir, "checkpoint.pt")
+    torch.save(dict(state), path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(out_dir: str) -> dict[str, Any] | None:
+    path = os.path.join(out_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, weights_only=True)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the tensors as they travel (dense, their own dtype)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def summary_of(rows: list[dict[str, Any]], **costs: Any) -> dict[str, Any]:
+    """Final / best accuracy and bytes per round of a run's rows, plus the method's client costs
+    (``client_params``, ``client_macs``, ``peak_train_mb``, ``setting``, …)."""
+    accs = [r["test_acc"] for r in rows if r["test_acc"] == r["test_acc"]]
+    rounds = max(len(rows), 1)
+    return {
+        "final_acc": accs[-1] if accs else float("nan"),
+        "best_acc": max(accs) if accs else float("nan"),
+        "bytes_per_round": sum(r["bytes_down"] + r["bytes_up"] for r in rows) / rounds,
+        "wall_s": rows[-1]["elapsed_s"] if rows else 0.0,
+        **costs,
+    }
+
+
+def peak_train_memory_mb(build: Callable[[], tuple[torch.nn.Module, Callable[[], torch.Tensor]]],
+                         timeout_s: float = 300.0) -> float:
+    """Peak resident memory (MB) of building a client's trainable state and taking two training steps,
+    measured in a fresh process like ``benchmarks/step_time.py`` (Linux ``VmHWM`` after resetting it
+    right before ``build``). ``build`` returns the module and a function computing one step's loss;
+    it must be picklable by reference (a module-level function or ``functools.partial`` of one)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_measure, args=(build, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if not receive.poll(timeout_s):
+            raise RuntimeError(f"peak memory measurement did not finish within {timeout_s:.0f} s")
+        result = receive.recv()
+    except EOFError:
+        raise RuntimeError(f"peak memory measurement failed (child exit code {child.exitcode})") from None
+    finally:
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+    if isinstance(result, str):
+        raise RuntimeError(f"peak memory measurement failed: {result}")
+    return float(result)
+
+
+def _measure(build: Callable[[], tuple[torch.nn.Module, Callable[[], torch.Tensor]]], send: Any) -> None:
+    try:
+        send.send(_peak_mb(build))
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
+        send.send(f"{type(err).__name__}: {err}")
+
+
+def _peak_mb(build: Callable[[], tuple[torch.nn.Module, Callable[[], torch.Tensor]]]) -> float:
+    torch.set_num_threads(1)
+    # load the kernels, the autograd engine and the optimizer before the baseline, so the figure is the
+    # model's and its training step's, not the runtime's first use
+    warm = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    warm(torch.zeros(1, 1, 5, 5)).sum().backward()
+    torch.optim.SGD(warm.parameters(), lr=0.1, momentum=0.9).step()
+    del warm
+
+    def status_kb(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        raise RuntimeError(f"/proc/self/status has no {key}")
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status_kb("VmRSS")
+    module, loss_fn = build()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        opt.step()
+    return (status_kb("VmHWM") - base) / 1024
