@@ -101,12 +101,12 @@ def test_cli_bench_match_params_runs_at_the_matched_keep(tmp_path: Path, capsys)
             "--rounds", "1", "--match", "params"]
     assert main(args) == 0
     (run,) = json.loads((out / "results.json").read_text())["runs"]
-    model = create_model("cnn", in_channels=1, image_size=8, width=0.25, hidden=32, num_classes=10)
+    model = create_model("resnet_tiny", in_channels=1, width=0.25, num_classes=10)  # the smoke profile's
     target = _params(model, "prism", 0.2)  # the reference needs no prism run
     assert run["keep_ratio"] == 0.2 and run["actual_keep"] > 0.2 and f"k{run['actual_keep']:g}" in run["run_dir"]
     assert abs(run["client_params"] - target) <= 0.02 * target
     assert run["budget"] == pytest.approx(run["client_params"] / run["dense_params"])
-    assert f"| iid | origdrop | 0.2 | {run['actual_keep']:.4g} | {100 * run['budget']:.1f} |" in capsys.readouterr().out
+    assert f"| iid | origdrop | weights only | 0.2 | {run['actual_keep']:.4g} | {100 * run['budget']:.1f} |" in capsys.readouterr().out
 
 
 def test_cli_match_rejects_a_bad_value(capsys) -> None:
@@ -145,14 +145,14 @@ def test_markdown_table_budget_and_gap_columns() -> None:
     assert by[("noniid", "prism")]["gap_to_full"] is None
     assert by[("iid", "rolex")]["budget"] == pytest.approx(0.04) and by[("iid", "rolex")]["actual_keep"] == 0.2
     table = markdown_table(rows).splitlines()
-    assert table[0].startswith("| partition | strategy | keep | actual keep | budget (% of dense params) | final acc (%) | "
+    assert table[0].startswith("| partition | strategy | setting | keep | actual keep | budget (% of dense params) | final acc (%) | "
                                "gap to full (pts) |")
     lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table[2:]}
-    assert lines[("iid", "prism")].startswith("| iid | prism | 0.2 | 0.2 | 24.0 | 72.00 ± 2.83 | -9.00 |")
-    assert lines[("iid", "origdrop")].startswith("| iid | origdrop | 0.2 | 0.4922 | 23.6 | 61.00 ± 0.00 | -20.00 |")
-    assert lines[("iid", "rolex")].startswith("| iid | rolex | 0.2 | 0.2 | 4.0 | 60.50 ± 0.00 | -20.50 |")
-    assert lines[("iid", "full")].startswith("| iid | full | 1 | 1 | 100.0 | 81.00 ± 1.41 | +0.00 |")
-    assert lines[("noniid", "prism")].startswith("| noniid | prism | 0.2 | 0.2 | 24.0 | 50.00 ± 0.00 |  |")
+    assert lines[("iid", "prism")].startswith("| iid | prism |  | 0.2 | 0.2 | 24.0 | 72.00 ± 2.83 | -9.00 |")
+    assert lines[("iid", "origdrop")].startswith("| iid | origdrop |  | 0.2 | 0.4922 | 23.6 | 61.00 ± 0.00 | -20.00 |")
+    assert lines[("iid", "rolex")].startswith("| iid | rolex |  | 0.2 | 0.2 | 4.0 | 60.50 ± 0.00 | -20.50 |")
+    assert lines[("iid", "full")].startswith("| iid | full |  | 1 | 1 | 100.0 | 81.00 ± 1.41 | +0.00 |")
+    assert lines[("noniid", "prism")].startswith("| noniid | prism |  | 0.2 | 0.2 | 24.0 | 50.00 ± 0.00 |  |")
 
 
 def _layers(energy: float, rank: int = 8, untrained: float = NAN) -> dict[str, dict[str, float]]:
@@ -219,7 +219,7 @@ def test_plots_and_diagnostics_on_fabricated_metrics(tmp_path: Path) -> None:
         "| iid | prism | 0.2 | 0.600 | 0.500 | 0.500 | 0.200 | 0.025 | 0.938 | 0.750 | 0.750 |")
     md = (out / "results.md").read_text()
     assert "## Diagnostics" in md and lines[("iid", "prism", "0.2")] in md
-    assert "| iid | prism | 0.2 | 0.2 | 24.0 | 70.50 ± 0.71 | -10.00 |" in md
+    assert "| iid | prism |  | 0.2 | 0.2 | 24.0 | 70.50 ± 0.71 | -10.00 |" in md
     assert not math.isnan(prism["final_acc"][0])
 
 

@@ -116,7 +116,7 @@ def test_bench_runs_token_models(name: str, tmp_path: Path, monkeypatch: pytest.
     assert main(["bench", "--profile", "families", "--out", str(out)]) == 0
 
     table = capsys.readouterr().out
-    assert table.startswith("| partition | strategy | keep |")
+    assert table.startswith("| partition | strategy | setting | keep |")
     runs = {r["strategy"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
     assert set(runs) == {"full", "prism"}
     _assert_summary_row(runs["prism"], "prism", KEEP)
@@ -124,5 +124,5 @@ def test_bench_runs_token_models(name: str, tmp_path: Path, monkeypatch: pytest.
     assert runs["full"]["client_macs"] == runs["full"]["dense_macs"] > runs["prism"]["client_macs"]
     for strategy, r in runs.items():
         assert len(r["curve"]) == 1
-        assert f"| iid | {strategy} | {r['keep_ratio']:g} |" in table
+        assert f"| iid | {strategy} | {r['setting']} | {r['keep_ratio']:g} |" in table
         assert f"| {r['client_params']:,} | {r['client_macs']:,} |" in table
