@@ -106,7 +106,8 @@ def test_cli_bench_match_params_runs_at_the_matched_keep(tmp_path: Path, capsys)
     assert run["keep_ratio"] == 0.2 and run["actual_keep"] > 0.2 and f"k{run['actual_keep']:g}" in run["run_dir"]
     assert abs(run["client_params"] - target) <= 0.02 * target
     assert run["budget"] == pytest.approx(run["client_params"] / run["dense_params"])
-    assert f"| iid | origdrop | weights only | 0.2 | {run['actual_keep']:.4g} | {100 * run['budget']:.1f} |" in capsys.readouterr().out
+    row = f"| iid | origdrop | weights only | 0.2 | {run['actual_keep']:.4g} | {100 * run['budget']:.1f} |"
+    assert row in capsys.readouterr().out
 
 
 def test_cli_match_rejects_a_bad_value(capsys) -> None:
@@ -145,8 +146,8 @@ def test_markdown_table_budget_and_gap_columns() -> None:
     assert by[("noniid", "prism")]["gap_to_full"] is None
     assert by[("iid", "rolex")]["budget"] == pytest.approx(0.04) and by[("iid", "rolex")]["actual_keep"] == 0.2
     table = markdown_table(rows).splitlines()
-    assert table[0].startswith("| partition | strategy | setting | keep | actual keep | budget (% of dense params) | final acc (%) | "
-                               "gap to full (pts) |")
+    assert table[0].startswith("| partition | strategy | setting | keep | actual keep | budget (% of dense params) | "
+                               "final acc (%) | gap to full (pts) |")
     lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table[2:]}
     assert lines[("iid", "prism")].startswith("| iid | prism |  | 0.2 | 0.2 | 24.0 | 72.00 ± 2.83 | -9.00 |")
     assert lines[("iid", "origdrop")].startswith("| iid | origdrop |  | 0.2 | 0.4922 | 23.6 | 61.00 ± 0.00 | -20.00 |")
