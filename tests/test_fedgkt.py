@@ -208,6 +208,21 @@ def test_run_on_digits_writes_metrics_counts_bytes_and_beats_chance(tmp_path, di
     assert summary["client_macs"] > 0 and summary["peak_train_mb"] > 0
     assert summary["feature_shape"] == [16, 4, 4]
     assert summary["bytes_per_round"] == sum(r["bytes_up"] + r["bytes_down"] for r in rows) / 3
+    # server_data: seen (default) trains on every client seen so far; round on this round's uploads only
+    seen = set()
+    for r, row in enumerate(rows):
+        seen |= set(select_clients(0, r, 4, 2))
+        assert row["server_samples"] == row["cached_samples"] == sum(len(digits.client_indices[c]) for c in seen)
+
+
+def test_server_data_round_trains_on_this_rounds_uploads_only(tmp_path, digits) -> None:
+    out = str(tmp_path / "round")
+    fedgkt.run(_digits_cnn(), digits, _settings(out, 3), {"server_data": "round"}, seed=0, device="cpu")
+    with open(f"{out}/metrics.json") as f:
+        rows = json.load(f)
+    for r, row in enumerate(rows):
+        assert row["server_samples"] == sum(len(digits.client_indices[c]) for c in select_clients(0, r, 4, 2))
+    assert rows[-1]["cached_samples"] > rows[-1]["server_samples"]
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, small_digits, monkeypatch) -> None:
@@ -243,7 +258,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, small_digits, monkeypa
 @pytest.mark.parametrize("key,value", [
     ("temperature", 0), ("temperature", -1.0), ("temperature", float("nan")), ("alpha", 1.5), ("alpha", -0.1),
     ("server_epochs", 0), ("server_epochs", 1.5), ("server_lr", 0.0), ("server_lr", "fast"), ("client_blocks", -1),
-    ("client_blocks", True), ("nonsense", 1),
+    ("client_blocks", True), ("server_data", "all"), ("nonsense", 1),
 ])
 def test_bad_options_raise_naming_the_key(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=key):

@@ -66,15 +66,21 @@ EVAL_BATCH = 256
 @dataclass(frozen=True)
 class Options:
     """``method_args`` of ``fedgkt``: distillation temperature and weight, the server's epochs per round
-    and learning rate (``None``: the run's ``learning_rate``), and how many ResNet stages a client runs."""
+    and learning rate (``None``: the run's ``learning_rate``), how many ResNet stages a client runs, and
+    what the server trains on each round: ``seen`` (the last upload of every client seen so far) or
+    ``round`` (this round's uploads only, as FedML's implementation does with its participants; with
+    partial participation ``seen`` costs the server up to total/per-round times more)."""
 
     temperature: float = 3.0
     alpha: float = 0.5
     server_epochs: int = 1
     server_lr: float | None = None
     client_blocks: int = 0
+    server_data: str = "seen"
 
     def __post_init__(self) -> None:
+        if self.server_data not in ("seen", "round"):
+            raise ValueError(f"server_data={self.server_data!r} is invalid: allowed seen or round")
         base.check_range("temperature", self.temperature, 0, math.inf, low_open=True)
         base.check_range("alpha", self.alpha, 0, 1)
         base.check_range("server_epochs", self.server_epochs, 1, 10_000, integer=True)
@@ -477,8 +483,13 @@ def run(
             cache.put(cid, upload)
             # the teacher is replaced by the server's reply once the server has trained this round
             clients[cid] = _ClientState(_cpu_state(module), stats.momentum, state.teacher if state is not None else None)
+        trained_on = cache
+        if opts.server_data == "round":
+            trained_on = FeatureCache()
+            for cid in selected:
+                trained_on.put(cid, cache.uploads[cid])
         server_stats = train_server(
-            server, cache, epochs=opts.server_epochs, batch_size=s.batch_size, lr=slr, momentum=s.momentum,
+            server, trained_on, epochs=opts.server_epochs, batch_size=s.batch_size, lr=slr, momentum=s.momentum,
             weight_decay=s.weight_decay, clip_norm=s.clip_grad_norm or None, temperature=opts.temperature,
             alpha=opts.alpha, generator=make_generator(seed, "fedgkt-server", r), device=device,
             momentum_buffers=server_momentum)
@@ -493,7 +504,7 @@ def run(
             acc, loss, client_acc = _evaluate(selected, load_client, server, test_loader, device)
         row = metrics.add(r, t0, test_acc=acc, test_loss=loss, train_loss=sum(client_losses) / len(client_losses),
                           clients=len(selected), bytes_down=bytes_down, bytes_up=bytes_up, client_acc=client_acc,
-                          server_loss=server_stats.loss, cached_samples=len(cache))
+                          server_loss=server_stats.loss, cached_samples=len(cache), server_samples=len(trained_on))
         if (r + 1) % s.checkpoint_every == 0 or r + 1 == s.comm_round:
             base.save_checkpoint(out, {
                 "method": STRATEGY, "options": saved_options, "rounds_done": r + 1, "metrics": metrics.rows,

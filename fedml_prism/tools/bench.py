@@ -206,7 +206,10 @@ PROFILES["fidelity_methods"]["sections"]["model_args"] = {"model": "resnet_tiny"
                                                                                                    "num_classes": 10}}
 PROFILES["fidelity_methods"]["sections"]["train_args"]["diagnostics"] = False
 PROFILES["fidelity_methods"]["sections"]["prism_args"].update(kappa=4.0, warmup_rounds=0)  # the package defaults
-PROFILES["fidelity_methods"]["sections"]["method_args"] = {"superfed": {"widths": [0.125, 0.25, 0.5, 0.75, 1.0]}}
+PROFILES["fidelity_methods"]["sections"]["method_args"] = {
+    "superfed": {"widths": [0.125, 0.25, 0.5, 0.75, 1.0]},
+    "fedgkt": {"server_data": "round"},  # the server trains on the round's uploads, as FedML's FedGKT does
+}
 
 
 def _partition_name(method: str, alpha: float | None) -> str:
