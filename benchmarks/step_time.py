@@ -29,21 +29,8 @@ import torch.nn.functional as F
 
 from fedml_prism import PrincipalModel, PrismConfig, SubModel, convert_static_bn
 from fedml_prism.engine.train import make_optimizer, principal_regularizer
+from fedml_prism.strategies.base import proc_status_kb, reset_peak_rss
 from fedml_prism.workloads.models import create_model
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> None:
-    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _step(module: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, sync) -> float:
@@ -60,8 +47,8 @@ def _child(args: argparse.Namespace) -> None:
     """Build one model as a client would and report its training peak memory."""
     torch.set_num_threads(args.threads)
     torch.zeros(1).relu()  # load kernels before the baseline
-    _reset_peak()
-    base = _status_kb("VmRSS")
+    reset_peak_rss()
+    base = proc_status_kb("VmRSS")
     template = convert_static_bn(create_model(args.model, width=args.width)).to("meta")
     if args.payload:
         module = SubModel.from_payload(torch.load(args.payload, weights_only=True), template).module
@@ -72,7 +59,7 @@ def _child(args: argparse.Namespace) -> None:
     y = torch.randint(0, 10, (args.batch_size,))
     for _ in range(2):
         _step(module, opt, x, y, lambda: None)
-    peak = _status_kb("VmHWM")
+    peak = proc_status_kb("VmHWM")
     print(json.dumps({"peak_rss_mb": (peak - base) / 1024}))
 
 

@@ -50,3 +50,13 @@ def tiny_sequence(request: pytest.FixtureRequest) -> tuple[str, nn.Module, torch
     factory, vocab, steps = TINY_SEQUENCE_MODELS[request.param]
     torch.manual_seed(0)
     return request.param, factory(), torch.randint(1, vocab, (6, steps), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: on a shared two-core machine two threads spin against each other
+    (steps of tiny models up to 100x slower); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,14 +24,7 @@ from fedml_prism.strategies import base, layerwise
 from fedml_prism.workloads.data import load_federated
 from fedml_prism.workloads.models import cnn, resnet18_cifar, resnet_tiny, vit_small
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two torch threads on a shared two-core machine spin against each other (100x slower steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.cache

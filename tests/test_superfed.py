@@ -21,14 +21,7 @@ from fedml_prism.strategies import superfed as sf
 from fedml_prism.workloads.data import load_federated
 from fedml_prism.workloads.models import ResNetCifar, cnn, resnet_tiny
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two on a shared machine (and deterministic either way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(blocks: tuple[int, ...] = (2, 2), in_channels: int = 1) -> ResNetCifar:

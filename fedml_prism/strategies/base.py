@@ -172,16 +172,8 @@ def _peak_mb(build: Callable[[], tuple[torch.nn.Module, Callable[[], torch.Tenso
     torch.optim.SGD(warm.parameters(), lr=0.1, momentum=0.9).step()
     del warm
 
-    def status_kb(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        raise RuntimeError(f"/proc/self/status has no {key}")
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status_kb("VmRSS")
+    reset_peak_rss()
+    base = proc_status_kb("VmRSS")
     module, loss_fn = build()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
@@ -189,4 +181,19 @@ def _peak_mb(build: Callable[[], tuple[torch.nn.Module, Callable[[], torch.Tenso
         opt.zero_grad(set_to_none=True)
         loss_fn().backward()
         opt.step()
-    return (status_kb("VmHWM") - base) / 1024
+    return (proc_status_kb("VmHWM") - base) / 1024
+
+
+def proc_status_kb(key: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (Linux): ``VmRSS`` now, ``VmHWM`` the peak since the last reset."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to ``clear_refs`` resets the peak RSS (``VmHWM``) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

@@ -38,7 +38,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -255,17 +255,40 @@ def train_client(
         raise ValueError(f"teacher logits have {len(teacher)} rows for a client of {len(y_all)} samples")
     indexed = TensorDataset(x_all, y_all, torch.arange(len(y_all)))
     loader = DataLoader(indexed, batch_size=batch_size, shuffle=True, generator=generator)
+
+    def batches() -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        for x, y, idx in loader:
+            yield (flip_crop(x, augment) if augment is not None else x), y, (teacher[idx] if teacher is not None else None)
+
+    return _distill(module, epochs, batches, lr=lr, momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm,
+                    temperature=temperature, alpha=alpha, device=device, momentum_buffers=momentum_buffers)
+
+
+def _distill(
+    module: nn.Module,
+    epochs: int,
+    batches: Callable[[], Iterable[tuple[Tensor, Tensor, Tensor | None]]],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    clip_norm: float | None,
+    temperature: float,
+    alpha: float,
+    device: torch.device | str,
+    momentum_buffers: Mapping[str, Tensor] | None,
+) -> DistillStats:
+    """``epochs`` passes of SGD on ``CE + alpha * KD`` over ``batches()`` (inputs, labels, teacher logits
+    or ``None``), the optimizer's momentum started from ``momentum_buffers``: the step both sides share."""
     module.to(device).train()
     opt = make_optimizer(module, lr, momentum, weight_decay)
     if momentum_buffers is not None:
         load_momentum(opt, module, momentum_buffers)
     meter = _Meter()
     for _ in range(epochs):
-        for x, y, idx in loader:
-            if augment is not None:
-                x = flip_crop(x, augment)
+        for x, y, target in batches():
             x, y = x.to(device), y.to(device)
-            target = teacher[idx].to(device) if teacher is not None else None
+            target = target.to(device) if target is not None else None
             loss, ce, kd = distill_loss(module(x), y, target, temperature, alpha)
             _sgd_step(module, opt, loss, clip_norm)
             meter.add(len(y), loss.detach(), ce.detach(), kd.detach())
@@ -348,20 +371,14 @@ def train_server(
 ) -> DistillStats:
     """``epochs`` shuffled passes over the cached features with ``CE + alpha * KD`` against the
     clients' logits of the same samples."""
-    server.to(device).train()
-    opt = make_optimizer(server, lr, momentum, weight_decay)
-    if momentum_buffers is not None:
-        load_momentum(opt, server, momentum_buffers)
-    meter = _Meter()
-    for _ in range(epochs):
+    def batches() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         perm = torch.randperm(len(cache), generator=generator)
         for start in range(0, len(perm), batch_size):
-            batch = cache.gather(perm[start:start + batch_size])
-            x, t, y = (v.to(device) for v in batch.tensors())
-            loss, ce, kd = distill_loss(server(x), y, t, temperature, alpha)
-            _sgd_step(server, opt, loss, clip_norm)
-            meter.add(len(y), loss.detach(), ce.detach(), kd.detach())
-    return meter.stats(read_momentum(opt, server))
+            x, t, y = cache.gather(perm[start:start + batch_size]).tensors()
+            yield x, y, t
+
+    return _distill(server, epochs, batches, lr=lr, momentum=momentum, weight_decay=weight_decay, clip_norm=clip_norm,
+                    temperature=temperature, alpha=alpha, device=device, momentum_buffers=momentum_buffers)
 
 
 @torch.no_grad()
