@@ -8,10 +8,11 @@ any work starts (cross-device checks included: :func:`check_cross_device`).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -30,6 +31,70 @@ RUNTIMES = {
     ("simulation", "sp"), ("cross_silo", "MPI"), ("cross_silo", "GRPC"), ("cross_silo", "MQTT_S3"),
     ("cross_device", "MQTT_S3_MNN"),
 }
+
+
+#: The keys FedML 0.9.6 reads from a fedml_config.yaml. FedML loads every section flat onto ``args``, so a
+#: key counts in any section. Collected from the installed ``fedml`` 0.9.6 package: the keys of its example
+#: configs (``fedml/config/simulation_sp``, ``fedml/config/simulaton_mpi`` and the MLOps client and server
+#: packages' ``fedml_config.yaml``), the flags of ``fedml/arguments.py``, and every attribute its code reads
+#: off an ``args`` object (``args.X``, ``self.args.X``, ``getattr(args, "X")``); names that are no keys
+#: (``self``, list methods) left out.
+FEDML_KEYS = frozenset("""
+    C account_id action agent_config alpha api_key arch arch_learning_rate arch_weight_decay attack_case
+    attack_iteration_idxs attack_mode attack_prob attack_round_num attack_training_rounds attack_type auxiliary
+    auxiliary_weight b_symmetric backbone backbone_freezed backbone_pretrained backend batch_idx batch_size
+    bootstrap byzantine_client_num checkname ci client_id client_id_list client_idx client_model
+    client_num_in_total client_num_per_round client_optimizer clipping clipping_norm cloud_region comm
+    comm_round config_version contribution_alg cpu_transfer cuda_rpc_gpu_mapping current_device_id
+    current_running_dir custom_logger customized_training_mqtt_config customized_training_s3_config
+    customized_training_thetastore_config customized_training_web3_config cutout cutout_length dampening data
+    data_cache_dir data_col_idx data_file_path data_parallel data_silo_config dataset deeplearning_backend
+    defense_type delta device device_id device_type distribution dp_solution_type drop_path_prob early_stopping
+    edge_id enable_attack enable_contribution enable_cuda_rpc enable_defense enable_dp enable_fhe
+    enable_rdp_accountant enable_tracking enable_wandb end_point_id end_point_name endpoint_id env_version
+    environment_hetero_ratio epoch epochs epochs_client epochs_server epsilon evaluation_frequency
+    extra_save_steps extra_url extract_feat fa_task feddyn_alpha federated_optimizer fedprox_mu fl_trainer flag
+    fraction freeze_bn frequency_of_the_test frequency_of_train_acc_report general_edge_id
+    global_model_file_path gmf gpu gpu_hetero_ratio gpu_id gpu_mapping_file gpu_mapping_key gpu_num_per_server
+    gpu_server_num gpu_util_parse grad_clip group_comm_round group_method group_num group_server_id_list
+    grpc_ipconfig_path infer_port infer_url init_channels initialize_all_clients is_browser is_from_docker
+    is_mobile iteration_number k lambda_train_regularizer lambda_valid_regularizer latency launcher_rdzv_port
+    layers learning_rate learning_rate_min local_iterations local_on_premise_platform_host
+    local_on_premise_platform_port local_rank log_file_dir log_file_path log_server_url loss_type lr
+    lr_decay_rate lr_milestones lr_schedule lr_scheduler lr_step_size main_process_first malicious_client_id
+    manual_launch marketplace_type master_address max_grad_norm max_seq_length max_word_len mechanism_type
+    metric mimelite ml_engine mlops_api_key mlops_project_name mlops_run_name mode model model_file_cache_folder
+    model_id model_name model_path model_type model_version momentum mqtt_config_path mu multi_gpu_server
+    n_node_in_silo n_proc_in_silo n_proc_per_node name nesterov network_interface no_bn_wd no_gpu_check
+    node_addresses node_rank noise_multiplier num num_images optimizer original_class_list os_name output_dir
+    outstride part_file partition_alpha partition_file_path partition_method pg_master_address pg_master_port
+    poison_end_round_id poison_start_round_id poison_type poisoned_training_round precision_parameter
+    price_per_hour prime_number private_local_data proc_rank_in_silo process_id protected_layers random_seed
+    rank rank_in_node ratio_of_poisoned_client rdp_alpha redis_addr redis_password redis_port report_freq role
+    round_idx run_device_id run_id run_name runner_cmd runtime_est_mode s3_config_path save save_client_model
+    save_model save_on_each_node save_strategy scale_factor_S scenario seed sensitivity seperator
+    server_agent_id server_id server_lr server_momentum server_optimizer should_save sigma
+    simulation_environment_hetero simulation_gpu_hetero simulation_schedule simulator_daemon skip_log_model_net
+    stage subdir sweep sync_bn synthetic_data_url sys_perf_profiling target_class_list temperature test
+    test_batch_size test_on_clients test_size time_varying topology_neighbors_num_directed
+    topology_neighbors_num_undirected train_data_num_in_total train_portion train_size training_type
+    trpc_master_config_path type unique_device_id use_all_data use_updates user user_name using_gpu using_mlops
+    version wandb_entity wandb_group_id wandb_key wandb_name wandb_only_server wandb_project wd weight_decay
+    whether_distill_on_the_server whether_training_on_client worker_num yaml_config_file
+""".split())
+#: The keys of FedML's sections fedml_prism reads besides :class:`RunSettings`' fields and ``security_args``'
+#: keys: the job (this module), the runtimes (``torch_threads``, ``device``, ``client_idle_timeout_s``,
+#: ``grpc_ipconfig_path``; ``train_size`` / ``test_size`` in the cross-device run announcement) and the MNN
+#: parse limits (:class:`~fedml_prism.runtimes.mnn_sandbox.ParseLimits`).
+PRISM_KEYS = frozenset("""
+    backend client_id_list client_idle_timeout_s compare_strategies customized_training_mqtt_config
+    customized_training_s3_config data_kwargs data_path dataset device grpc_ipconfig_path input_shape
+    mnn_parse_memory_mb mnn_parse_timeout_s model model_init model_kwargs output_dir partition_alpha
+    partition_disjoint partition_method random_seed samples_per_client strict_config test_size torch_threads
+    train_size training_type using_gpu worker_num
+""".split()) | {f.name for f in fields(RunSettings)} | set(SECURITY_KEYS)
+#: Sections whose keys are checked where they are read: PrismConfig, the other methods' options, SecuritySettings.
+CHECKED_SECTIONS = ("prism_args", "method_args", "security_args")
 
 
 @dataclass
@@ -52,6 +117,8 @@ class Job:
     partition_disjoint: bool = True
     model_init: str = "default"
     method_args: dict[str, Any] = field(default_factory=dict)
+    #: one line per key of FedML's sections that nothing reads (:func:`unread_keys`)
+    unread: list[str] = field(default_factory=list)
 
 
 def read_config(path: str) -> dict[str, dict[str, Any]]:
@@ -71,6 +138,25 @@ def read_config(path: str) -> dict[str, dict[str, Any]]:
     return sections
 
 
+def unread_keys(sections: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per key of FedML's sections (every section but :data:`CHECKED_SECTIONS`) that neither
+    FedML 0.9.6 nor fedml_prism reads (a typo, or a key of another FedML version), with the closest
+    known key when there is one."""
+    known = FEDML_KEYS | PRISM_KEYS
+    lines = []
+    for name, section in sections.items():
+        if name in CHECKED_SECTIONS:
+            continue
+        for key in section:
+            if key in known:
+                continue
+            line = f"{name}.{key} is not a key FedML 0.9.6 or fedml_prism reads"
+            if close := difflib.get_close_matches(str(key), known, n=1, cutoff=0.75):
+                line += f"; did you mean {close[0]}?"
+            lines.append(line)
+    return lines
+
+
 def build_job(path: str, output_dir: str | None = None) -> Job:
     return job_from_sections(read_config(path), path, output_dir)
 
@@ -83,6 +169,15 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
             continue
         flat.update(section)
     prism = PrismConfig.from_mapping(sections.get("prism_args", {}))
+    strict = flat.get("strict_config", False)
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict_config={strict!r} is invalid: allowed true or false")
+    unread = unread_keys(sections)
+    if unread and strict:
+        raise ValueError("strict_config: true refuses keys nothing reads (remove or correct them):\n  "
+                         + "\n  ".join(unread))
+    for line in unread:
+        log.warning(line)
     unknown = sorted(set(sections.get("security_args") or {}) - set(SECURITY_KEYS))
     if unknown:
         raise ValueError(f"security_args has unknown key(s) {unknown}: allowed keys are {list(SECURITY_KEYS)}")
@@ -120,6 +215,7 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
         partition_alpha=float(flat.get("partition_alpha", 0.5)), model=flat.get("model", "cnn"),
         model_kwargs=dict(flat.get("model_kwargs") or {}), worker_num=worker_num, compare=compare,
         partition_disjoint=disjoint, model_init=model_init, method_args=dict(sections.get("method_args") or {}),
+        unread=unread,
     )
     _check_methods(job)
     create_model(job.model, init=job.model_init, **job.model_kwargs)  # fail early on a bad model name or keyword

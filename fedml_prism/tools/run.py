@@ -48,6 +48,8 @@ def main(cli: argparse.Namespace) -> int:
               f"keep_ratio={job.prism.keep_ratio}, {job.settings.client_num_in_total} clients, "
               f"{job.settings.client_num_per_round} per round, {job.settings.comm_round} rounds, "
               f"model={job.model}, dataset={job.dataset}, output_dir={job.settings.output_dir}")
+        for line in job.unread:
+            print(f"warning: {line}")
         return 0
     if job.training_type == "simulation":
         from ..runtimes.simulation import run_comparison
