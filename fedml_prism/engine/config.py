@@ -33,6 +33,10 @@ OPTIMIZER_STATES = ("reset", "aggregate")
 #: ``default`` (every Conv2d / Linear / attention projection that saves, except the first layer on raw
 #: input, the classifier and residual shortcut convs) or ``paper`` (the paper's rule).
 RULES = ("default", "paper")
+#: What a client keeps for backward (:mod:`fedml_prism.engine.recompute`): ``principal`` (each block keeps
+#: its inputs and its principal layers' narrow outputs, the full-width part is recomputed; dense blocks
+#: keep their conv / matmul outputs and recompute BN + activation) or ``full`` (plain autograd).
+ACTIVATION_MEMORY = ("principal", "full")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -87,6 +91,10 @@ class PrismConfig:
             final buffers with the weights' coefficients, and sends each client its slice).
         warmup_rounds: the first rounds in which the principal strategies send everyone the top-k
             components (OrthDrop) before sampling starts (the authors' later code uses 50).
+        activation_memory: ``principal`` (clients train with selective recomputation: a block keeps
+            for backward its inputs and its principal layers' narrow r′-channel outputs and recomputes
+            the full-width part; for the dense and channel strategies, BN + activation are recomputed
+            from the kept conv outputs) or ``full`` (plain autograd). Same loss, gradients and updates.
     """
 
     strategy: str = "prism"
@@ -111,6 +119,7 @@ class PrismConfig:
     factor_scale: str = "sqrt"
     optimizer_state: str = "aggregate"
     warmup_rounds: int = 0
+    activation_memory: str = "principal"
 
     def __post_init__(self) -> None:
         if self.strategy not in ALL_STRATEGIES:
@@ -134,6 +143,8 @@ class PrismConfig:
             _fail("weighting", self.weighting, f"one of {', '.join(WEIGHTINGS)}")
         if self.factor_scale not in FACTOR_SCALES:
             _fail("factor_scale", self.factor_scale, f"one of {', '.join(FACTOR_SCALES)}")
+        if self.activation_memory not in ACTIVATION_MEMORY:
+            _fail("activation_memory", self.activation_memory, f"one of {', '.join(ACTIVATION_MEMORY)}")
         if self.optimizer_state not in OPTIMIZER_STATES:
             _fail("optimizer_state", self.optimizer_state, f"one of {', '.join(OPTIMIZER_STATES)}")
         if isinstance(self.warmup_rounds, bool) or not isinstance(self.warmup_rounds, int) or self.warmup_rounds < 0:

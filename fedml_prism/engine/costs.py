@@ -11,15 +11,19 @@ zeros of the dtype the model takes (token ids for a model that starts with an em
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import PrincipalConv2d, PrincipalLinear
 from .principal import PrincipalModel
+from .recompute import principal_width
 from .submodel import SubModel
 
 
@@ -211,3 +215,42 @@ def format_costs(report: CostReport) -> str:
         f"{'bytes up':12}{report.bytes_up:>14,}{report.dense_bytes:>14,}{r['bytes_up']:>8.1%}",
     ]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ start/stop lines) for the block."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def activation_bytes(module: nn.Module, x: torch.Tensor, activation_memory: str = "principal") -> int:
+    """Bytes a training forward pass (model and cross-entropy loss on batch ``x``) leaves allocated
+    for the backward pass: every tensor autograd keeps, the recomputation's checkpoints and kept
+    outputs included, counted by the allocator (``torch.cuda.memory_allocated`` on CUDA, the
+    profiler's memory events on the CPU); the backward pass then runs and frees them. ``module``
+    trains (gradients accumulate); pass a copy to keep it untouched."""
+    module.train()
+    cuda = x.device.type == "cuda"
+    with principal_width(module, activation_memory == "principal"):
+        if cuda:
+            torch.cuda.synchronize(x.device)
+            before = torch.cuda.memory_allocated(x.device)
+            out = module(x)
+            held = torch.cuda.memory_allocated(x.device) - before
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                out = module(x)
+            held = sum(e.self_cpu_memory_usage for e in prof.events())
+        held -= out.numel() * out.element_size()  # the output itself is not kept for backward
+        labels = torch.zeros(out.shape[0], *out.shape[2:], dtype=torch.long, device=out.device)
+        F.cross_entropy(out, labels).backward()
+    return int(held)

@@ -13,9 +13,31 @@ computes with, and ``forward(x) == F.conv2d(x, dense_weight(), bias, ...)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+_PART: ContextVar[str | None] = ContextVar("prism_principal_part", default=None)
+
+
+def principal_part() -> str | None:
+    """``"first"`` while a principal layer runs its first factor (``M → r′``, the narrow product),
+    ``"expand"`` while it runs its expansion (``r′ → N``, the full-width product), else ``None``;
+    :mod:`fedml_prism.engine.recompute` keeps the first and recomputes the second."""
+    return _PART.get()
+
+
+@contextmanager
+def _part(name: str) -> Iterator[None]:
+    token = _PART.set(name)
+    try:
+        yield
+    finally:
+        _PART.reset(token)
 
 
 class PrincipalLayer(nn.Module):
@@ -101,10 +123,12 @@ class PrincipalConv2d(PrincipalLayer):
             pad = [p for p in reversed(self.padding) for _ in range(2)]
             x = F.pad(x, pad, mode=self.padding_mode)
             padding = (0, 0)
-        h = F.conv2d(x, self.v, None, self.stride, padding, self.dilation)
+        with _part("first"):
+            h = F.conv2d(x, self.v, None, self.stride, padding, self.dilation)
         # The 1×1 conv as a matmul over channels-last pixels: ~20 % faster on CPU than conv2d with
         # few input channels. The result is an NCHW tensor with channels-last strides.
-        return F.linear(h.permute(0, 2, 3, 1), self.scaled_u(), self.bias).permute(0, 3, 1, 2)
+        with _part("expand"):
+            return F.linear(h.permute(0, 2, 3, 1), self.scaled_u(), self.bias).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         return (
@@ -141,7 +165,10 @@ class PrincipalLinear(PrincipalLayer):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.v), self.scaled_u(), self.bias)
+        with _part("first"):
+            h = F.linear(x, self.v)
+        with _part("expand"):
+            return F.linear(h, self.scaled_u(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -417,6 +417,7 @@ class PrismClient:
             momentum=s.momentum, weight_decay=s.weight_decay, reg_lambda=self.config.reg_lambda,
             clip_norm=s.clip_grad_norm or None, device=self.device,
             momentum_buffers=sub.momentum if self.config.optimizer_state == "aggregate" else None,
+            activation_memory=self.config.activation_memory,
         )
         sub.momentum = stats.momentum
         return sub.to_payload("up"), stats.samples, stats.loss, start

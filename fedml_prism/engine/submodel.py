@@ -63,6 +63,7 @@ def resized(module: nn.Module, rows: int | None, cols: int | None) -> nn.Module:
             rows if rows is not None else module.num_features, eps=module.eps,
             momentum=module.momentum, affine=module.affine,
             track_running_stats=module.track_running_stats, device="meta",
+            dtype=module.weight.dtype if module.affine else None,
         )
     raise TypeError(f"cannot resize a {type(module).__name__}")
 

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import ACTIVATION_MEMORY
 from .layers import PrincipalLayer
+from .recompute import principal_width
 
 
 def split_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -89,29 +91,35 @@ def local_train(
     clip_norm: float | None = 5.0,
     device: torch.device | str = "cpu",
     momentum_buffers: Mapping[str, Tensor] | None = None,
+    activation_memory: str = "full",
 ) -> TrainStats:
     """Train ``module`` in place for ``epochs`` passes over ``batches`` (cross-entropy).
 
     ``momentum_buffers`` (by parameter name) start SGD's momentum where an earlier round left it;
-    the final buffers are returned in ``TrainStats.momentum`` when given."""
+    the final buffers are returned in ``TrainStats.momentum`` when given. ``activation_memory``:
+    ``principal`` trains with selective recomputation (:func:`fedml_prism.engine.recompute.principal_width`:
+    same loss and gradients, less memory held for backward), ``full`` with plain autograd."""
+    if activation_memory not in ACTIVATION_MEMORY:
+        raise ValueError(f"activation_memory={activation_memory!r} is invalid: allowed {', '.join(ACTIVATION_MEMORY)}")
     module.to(device).train()
     opt = make_optimizer(module, lr, momentum, weight_decay)
     if momentum_buffers is not None:
         load_momentum(opt, module, momentum_buffers)
     total, samples, elements, steps = 0.0, 0, 0, 0
-    for _ in range(epochs):
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(module(x), y)
-            (loss + principal_regularizer(module, reg_lambda)).backward()
-            if clip_norm:
-                nn.utils.clip_grad_norm_(module.parameters(), clip_norm)
-            opt.step()
-            total += loss.item() * y.numel()
-            elements += y.numel()
-            samples += len(y)
-            steps += 1
+    with principal_width(module, activation_memory == "principal"):
+        for _ in range(epochs):
+            for x, y in batches:
+                x, y = x.to(device), y.to(device)
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(module(x), y)
+                (loss + principal_regularizer(module, reg_lambda)).backward()
+                if clip_norm:
+                    nn.utils.clip_grad_norm_(module.parameters(), clip_norm)
+                opt.step()
+                total += loss.item() * y.numel()
+                elements += y.numel()
+                samples += len(y)
+                steps += 1
     buffers = read_momentum(opt, module) if momentum_buffers is not None else {}
     return TrainStats(total / elements if elements else math.nan, samples, steps, buffers)
 

@@ -129,15 +129,17 @@ def submodel_peak_train_mb(job: Job, server: PrismServer, example: torch.Tensor)
         torch.save(sub.to_payload("down"), path)
         batch = example.expand(job.settings.batch_size, *example.shape[1:]).clone()
         build = functools.partial(_client_submodel, path, job.model, job.model_init, dict(job.model_kwargs),
-                                  server.config.static_bn, batch)
+                                  server.config.static_bn, batch, server.config.activation_memory)
         return peak_train_memory_mb(build)
 
 
 def _client_submodel(path: str, model: str, init: str, kwargs: dict[str, Any], static_bn: bool,
-                     batch: torch.Tensor) -> tuple[torch.nn.Module, Any]:
-    """In the measuring process: the sub-model from its payload and one step's loss on ``batch``."""
+                     batch: torch.Tensor, activation_memory: str) -> tuple[torch.nn.Module, Any]:
+    """In the measuring process: the sub-model from its payload and one step's loss on ``batch``
+    (with ``activation_memory: principal``, the forward keeps what the recomputation keeps)."""
     from ..engine.attention import convert_attention
     from ..engine.layers import convert_static_bn
+    from ..engine.recompute import principal_width
     from ..engine.submodel import SubModel
 
     template = create_model(model, init=init, **kwargs)
@@ -145,7 +147,12 @@ def _client_submodel(path: str, model: str, init: str, kwargs: dict[str, Any], s
     module = SubModel.from_payload(torch.load(path, weights_only=True), template).module.train()
     out_dim = module(batch[:1]).shape[-1]
     labels = torch.randint(0, out_dim, (batch.shape[0],), generator=torch.Generator().manual_seed(0))
-    return module, lambda: torch.nn.functional.cross_entropy(module(batch), labels)
+
+    def loss() -> torch.Tensor:
+        with principal_width(module, activation_memory == "principal"):
+            return torch.nn.functional.cross_entropy(module(batch), labels)
+
+    return module, loss
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
