@@ -113,3 +113,20 @@ def test_costs_cli_input_dtype_choice_and_errors(capsys) -> None:
     assert "--input-dtype 'complex' is invalid: allowed auto, float32" in capsys.readouterr().err
     with pytest.raises(ValueError, match="example of shape"):
         layer_costs(cnn(), torch.zeros(0, 1, 28, 28))
+
+
+def test_costs_cli_training_memory_line(capsys) -> None:
+    """The training-memory line: activation bytes held for backward at --batch-size, lower with
+    activation_memory principal than with plain autograd, and growing with the batch."""
+    held = {}
+    for mode, batch in (("principal", 8), ("full", 8), ("principal", 16)):
+        assert main(["costs", "--model", "resnet_tiny", "--input-shape", "3,16,16", "--keep-ratio", "0.2", "--json",
+                     "--batch-size", str(batch), "--activation-memory", mode]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["batch_size"] == batch and report["activation_memory"] == mode
+        held[mode, batch] = report["activation_bytes"]
+        assert report["ratios"]["activation_bytes"] == report["activation_bytes"] / report["dense_activation_bytes"]
+    assert held["principal", 8] < held["full", 8]
+    assert held["principal", 8] < held["principal", 16]
+    assert main(["costs", "--model", "resnet_tiny", "--input-shape", "3,16,16"]) == 0
+    assert "activation bytes held for backward at batch 32" in capsys.readouterr().out

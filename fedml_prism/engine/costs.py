@@ -12,6 +12,7 @@ zeros of the dtype the model takes (token ids for a model that starts with an em
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -51,15 +52,24 @@ class CostReport:
     dense_macs: int
     dense_bytes: int
     layers: list[LayerCost] = field(default_factory=list)
+    #: training memory at ``batch_size``: bytes the sub-model's forward holds for backward (trained with
+    #: ``activation_memory``) and the dense model's with plain autograd (:func:`activation_bytes`)
+    batch_size: int | None = None
+    activation_memory: str | None = None
+    activation_bytes: int | None = None
+    dense_activation_bytes: int | None = None
 
     @property
     def ratios(self) -> dict[str, float]:
-        return {
+        out = {
             "params": self.params / self.dense_params,
             "macs": self.macs / self.dense_macs if self.dense_macs else math.nan,
             "bytes_down": self.bytes_down / self.dense_bytes,
             "bytes_up": self.bytes_up / self.dense_bytes,
         }
+        if self.activation_bytes is not None and self.dense_activation_bytes:
+            out["activation_bytes"] = self.activation_bytes / self.dense_activation_bytes
+        return out
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -173,13 +183,27 @@ def _payload_bytes(payload: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in payload.values())
 
 
-def submodel_costs(pm: PrincipalModel, sub: SubModel, example: torch.Tensor | Sequence[int]) -> CostReport:
+def submodel_costs(
+    pm: PrincipalModel, sub: SubModel, example: torch.Tensor | Sequence[int], batch_size: int | None = None
+) -> CostReport:
     """Costs of ``sub`` next to the dense model of ``pm`` for one input: the first sample of the batch
-    ``example``, or zeros of the shape ``example`` in the dense model's :func:`input_dtype`."""
+    ``example``, or zeros of the shape ``example`` in the dense model's :func:`input_dtype`. With
+    ``batch_size``, also the training memory: the bytes a forward on ``batch_size`` copies of that input
+    holds for backward, for ``sub`` trained with ``pm.config.activation_memory`` and for the dense model
+    with plain autograd."""
     dense_model = pm.dense_model()
     x = _example_batch(dense_model, example)
     dense = layer_costs(dense_model, x)
     small = layer_costs(sub.module, x)
+    memory = {}
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is invalid: allowed an integer >= 1")
+        batch = x.expand(batch_size, *x.shape[1:]).clone()
+        mode = pm.config.activation_memory
+        memory = {"batch_size": batch_size, "activation_memory": mode,
+                  "activation_bytes": activation_bytes(copy.deepcopy(sub.module), batch, mode),
+                  "dense_activation_bytes": activation_bytes(copy.deepcopy(dense_model), batch, "full")}
     layers = []
     for name, (kind, params, macs) in dense.items():
         sub_kind, sub_params, sub_macs = small.get(name, (kind, 0, 0))
@@ -200,6 +224,7 @@ def submodel_costs(pm: PrincipalModel, sub: SubModel, example: torch.Tensor | Se
         dense_macs=sum(c[2] for c in dense.values()),
         dense_bytes=dense_bytes,
         layers=layers,
+        **memory,
     )
 
 
@@ -214,6 +239,12 @@ def format_costs(report: CostReport) -> str:
         f"{'bytes down':12}{report.bytes_down:>14,}{report.dense_bytes:>14,}{r['bytes_down']:>8.1%}",
         f"{'bytes up':12}{report.bytes_up:>14,}{report.dense_bytes:>14,}{r['bytes_up']:>8.1%}",
     ]
+    if report.activation_bytes is not None:
+        lines.append(
+            f"{'train mem':12}{report.activation_bytes:>14,}{report.dense_activation_bytes:>14,}"
+            f"{r['activation_bytes']:>8.1%}  activation bytes held for backward at batch {report.batch_size} "
+            f"(sub-model: activation_memory {report.activation_memory}; dense: plain autograd)"
+        )
     return "\n".join(lines)
 
 

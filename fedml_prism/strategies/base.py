@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 #: the "setting" column of bench tables: what a method shares and what a client trains
 WEIGHTS_ONLY = "weights only"
@@ -170,7 +171,11 @@ def _peak_mb(build: Callable[[], tuple[torch.nn.Module, Callable[[], torch.Tenso
     warm = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     warm(torch.zeros(1, 1, 5, 5)).sum().backward()
     torch.optim.SGD(warm.parameters(), lr=0.1, momentum=0.9).step()
-    del warm
+    # and checkpointing's first use (activation_memory: principal), which imports torch._dynamo: a fixed
+    # cost of the runtime that `import fedml` pays in every FedML process anyway
+    x = torch.zeros(2, 2, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(torch.sin, x, use_reentrant=False).sum().backward()
+    del warm, x
 
     reset_peak_rss()
     base = proc_status_kb("VmRSS")

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..engine.config import STRATEGIES
+from ..engine.config import ACTIVATION_MEMORY, STRATEGIES
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -62,10 +62,12 @@ def cmd_costs(args: argparse.Namespace) -> int:
     model = create_model(args.model, **_model_kwargs(args.model_arg))
     # auto: token ids for a model that starts with an embedding, else the model's float dtype
     example = probe_input(model, args.input_shape, INPUT_DTYPES.get(args.input_dtype))
-    pm = PrincipalModel(model, PrismConfig(strategy=args.strategy, keep_ratio=args.keep_ratio, seed=args.seed))
+    config = PrismConfig(strategy=args.strategy, keep_ratio=args.keep_ratio, seed=args.seed,
+                         activation_memory=args.activation_memory)
+    pm = PrincipalModel(model, config)
     if warning := little_saving_warning(pm.skeleton, pm.config):
         print(f"warning: {warning}", file=sys.stderr)
-    report = submodel_costs(pm, pm.sample_submodel(client_id=0, round_idx=0), example)
+    report = submodel_costs(pm, pm.sample_submodel(client_id=0, round_idx=0), example, args.batch_size)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -194,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("--keep-ratio", type=_ratio, default=0.2)
     costs.add_argument("--strategy", choices=STRATEGIES, default="prism")
     costs.add_argument("--seed", type=int, default=0)
+    costs.add_argument("--batch-size", type=int, default=32,
+                       help="batch of the training-memory line (activation bytes held for backward)")
+    costs.add_argument("--activation-memory", choices=ACTIVATION_MEMORY, default="principal",
+                       help="how the sub-model trains: principal (recompute the full-width part) or full (plain autograd)")
     costs.add_argument("--json", action="store_true", help="print JSON (with per-layer costs)")
     costs.add_argument("--layers", action="store_true", help="also print the per-layer table")
     costs.set_defaults(func=cmd_costs)
