@@ -96,7 +96,7 @@ def test_loss_gradients_and_step_equal_plain_autograd(family: str) -> None:
 
 
 @pytest.mark.parametrize(("family", "strategy"), [("resnet_tiny", "full"), ("resnet_tiny", "origdrop"),
-                                                   ("torchvision_resnet", "full"), ("char_lstm", "full")])
+                                                   ("torchvision_resnet", "full"), ("vit_small", "full")])
 def test_dense_and_channel_models_recompute_bn_and_activation_exactly(family: str, strategy: str) -> None:
     """The dense model and the channel baselines: their blocks (the layers the default rule would
     factorize) keep the conv / matmul outputs; loss and gradients equal plain autograd's."""
@@ -122,6 +122,17 @@ def test_held_activation_bytes_fall_with_the_keep_ratio(family: str) -> None:
     assert held[0.2] < 0.6 * activation_bytes(module, x, "full")
 
 
+def test_dense_blocks_without_normalization_keep_plain_autograd() -> None:
+    """A dense LSTM layer has no norm to recompute from its kept products: left to plain autograd, with
+    the reason; the same layers in principal form are recomputed."""
+    dense, _ = _sub("char_lstm", "full")
+    found = recompute_units(dense)
+    assert not found.units and [n for n, _ in found.skipped] == ["lstm.0", "lstm.1"]
+    assert "without normalization" in found.skipped[0][1]
+    principal, _ = _sub("char_lstm")
+    assert [n for n, _ in recompute_units(principal).units] == ["lstm.0", "lstm.1"]
+
+
 def test_units_are_the_blocks_around_principal_layers() -> None:
     module, _ = _sub("resnet18_cifar")
     names = [n for n, _ in recompute_units(module).units]
@@ -135,7 +146,7 @@ def test_units_are_the_blocks_around_principal_layers() -> None:
 class _DropoutBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(12, 12), nn.Linear(12, 12)
+        self.fc1, self.fc2 = nn.Linear(12, 48), nn.Linear(48, 12)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(F.dropout(F.gelu(self.fc1(x)), 0.5, self.training))
@@ -154,6 +165,7 @@ def test_dropout_inside_a_unit_draws_the_same_mask_when_recomputed() -> None:
     torch.manual_seed(0)
     model = _DropoutNet().double()
     module = PrincipalModel(model, PrismConfig(keep_ratio=0.5, svd_dtype="float64")).sample_submodel(0, 0, record=False).module
+    assert isinstance(module.blocks[0].fc1, PrincipalLayer)
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
     results = []
     for principal in (False, True):

@@ -19,7 +19,8 @@ activation) runs under non-reentrant :func:`torch.utils.checkpoint.checkpoint` w
 - a dense unit (the dense model, the channel baselines: the same modules, found from the layers the
   default rule would factorize; :func:`keep_products`) keeps its inputs and every matrix product's
   output (convolutions, matrix multiplications, attention kernels) and recomputes normalization,
-  activations and elementwise ops, as InPlace-ABN does for BN + activation.
+  activations and elementwise ops, as InPlace-ABN does for BN + activation; a dense unit without a
+  normalization layer (an LSTM layer) would keep about as much as plain autograd and is left to it.
 
 Units whose recomputation would not reproduce the forward (BatchNorm updating running statistics) are
 left to plain autograd (:attr:`Units.skipped` says which and why). Loss, gradients and the SGD step are
@@ -42,6 +43,7 @@ from .layers import PrincipalLayer, principal_part
 
 log = logging.getLogger(__name__)
 
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 _aten = torch.ops.aten
 #: ops whose outputs are kept: expensive to recompute relative to their output's size
 _MATMUL_OPS = {
@@ -84,6 +86,11 @@ def _skip_reason(module: nn.Module) -> str | None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
             where = f" ({name})" if name else ""
             return f"BatchNorm{where} updates running statistics, which a recomputation would update twice"
+    dense = not any(isinstance(m, PrincipalLayer) for m in module.modules())
+    if dense and not any(isinstance(m, _NORMS) for m in module.modules()):
+        # what a dense unit recomputes is normalization + activation from the kept products; without a
+        # norm (an LSTM layer) the kept products are most of what plain autograd keeps anyway
+        return "a dense block without normalization keeps about what plain autograd keeps"
     return None
 
 
