@@ -390,7 +390,8 @@ def test_warning_under_the_paper_rule_on_mobilenet() -> None:
 def test_costs_command_prints_the_warning(capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "tiny_depthwise", SimpleNamespace(net=DepthwiseNet))
     args = SimpleNamespace(model="tiny_depthwise:net", model_arg=[], input_shape=(3, 12, 12), input_dtype="auto",
-                           strategy="prism", keep_ratio=0.2, seed=0, json=True, layers=False)
+                           strategy="prism", keep_ratio=0.2, seed=0, json=True, layers=False, batch_size=4,
+                           activation_memory="principal")
     assert cmd_costs(args) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: strategy prism with rule default") and "dw.3 (Conv2d" in err

@@ -266,10 +266,12 @@ def activation_bytes(module: nn.Module, x: torch.Tensor, activation_memory: str 
     for the backward pass: every tensor autograd keeps, the recomputation's checkpoints and kept
     outputs included, counted by the allocator (``torch.cuda.memory_allocated`` on CUDA, the
     profiler's memory events on the CPU); the backward pass then runs and frees them. ``module``
-    trains (gradients accumulate); pass a copy to keep it untouched."""
+    trains (gradients accumulate); pass a copy to keep it untouched. One untimed step runs first, so
+    what kernels cache on a shape's first use is not counted as held."""
     module.train()
     cuda = x.device.type == "cuda"
     with principal_width(module, activation_memory == "principal"):
+        _cross_entropy(module(x)).backward()
         if cuda:
             torch.cuda.synchronize(x.device)
             before = torch.cuda.memory_allocated(x.device)
@@ -282,6 +284,10 @@ def activation_bytes(module: nn.Module, x: torch.Tensor, activation_memory: str 
                 out = module(x)
             held = sum(e.self_cpu_memory_usage for e in prof.events())
         held -= out.numel() * out.element_size()  # the output itself is not kept for backward
-        labels = torch.zeros(out.shape[0], *out.shape[2:], dtype=torch.long, device=out.device)
-        F.cross_entropy(out, labels).backward()
+        _cross_entropy(out).backward()
     return int(held)
+
+
+def _cross_entropy(out: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits ``(N, C, ...)`` against class 0 everywhere (any label costs the same)."""
+    return F.cross_entropy(out, torch.zeros(out.shape[0], *out.shape[2:], dtype=torch.long, device=out.device))
