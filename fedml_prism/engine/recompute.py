@@ -42,6 +42,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from .layers import PrincipalLayer, principal_part
 
 log = logging.getLogger(__name__)
+_LOGGED: set[tuple[str, str, str]] = set()
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 _aten = torch.ops.aten
@@ -147,7 +148,9 @@ def principal_width(model: nn.Module, enabled: bool = True) -> Iterator[Units]:
     Run the backward pass inside the block too. Yields the :class:`Units` found."""
     found = recompute_units(model) if enabled else Units([], [])
     for name, reason in found.skipped:
-        log.info("activation_memory: %s trains with plain autograd: %s", name or "the model", reason)
+        if (type(model).__name__, name, reason) not in _LOGGED:  # once per process, not every round
+            _LOGGED.add((type(model).__name__, name, reason))
+            log.info("activation_memory: %s trains with plain autograd: %s", name or "the model", reason)
     patched = []
     try:
         for _, unit in found.units:
