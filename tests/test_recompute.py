@@ -134,6 +134,17 @@ def test_dense_blocks_without_normalization_keep_plain_autograd() -> None:
     assert [n for n, _ in recompute_units(principal).units] == ["lstm.0", "lstm.1"]
 
 
+def test_a_block_whose_forward_is_already_wrapped_trains_with_plain_autograd() -> None:
+    module, (x, y) = _sub("resnet_tiny")
+    block = module.layers[0][0]
+    block.forward = block.forward  # e.g. a hook tool's wrapper on the instance
+    with principal_width(module) as found:
+        assert "layers.0.0" in dict(found.skipped) and "layers.0.0" not in dict(found.units)
+        with principal_width(module) as inner:  # nested: the outer wrapping is not wrapped again
+            assert not inner.units
+    assert "forward" in vars(block)  # the tool's own wrapper is left in place
+
+
 def test_units_are_the_blocks_around_principal_layers() -> None:
     module, _ = _sub("resnet18_cifar")
     names = [n for n, _ in recompute_units(module).units]

@@ -83,6 +83,8 @@ class Units:
 
 
 def _skip_reason(module: nn.Module) -> str | None:
+    if "forward" in vars(module):
+        return "its forward is replaced on the instance (wrapped by another tool or already recomputing)"
     for name, m in module.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
             where = f" ({name})" if name else ""
@@ -154,9 +156,6 @@ def principal_width(model: nn.Module, enabled: bool = True) -> Iterator[Units]:
     patched = []
     try:
         for _, unit in found.units:
-            if "forward" in vars(unit):
-                raise RuntimeError(f"{type(unit).__name__} already has an instance-level forward; "
-                                   "principal_width does not wrap it twice")
             narrow = any(isinstance(m, PrincipalLayer) for m in unit.modules())
             unit.forward = functools.partial(_checkpointed, unit.forward, keep_narrow if narrow else keep_products)
             patched.append(unit)
