@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -270,7 +271,7 @@ def activation_bytes(module: nn.Module, x: torch.Tensor, activation_memory: str 
     what kernels cache on a shape's first use is not counted as held."""
     module.train()
     cuda = x.device.type == "cuda"
-    with principal_width(module, activation_memory == "principal"):
+    with principal_width(module, activation_memory == "principal"), _no_gc():
         _cross_entropy(module(x)).backward()
         if cuda:
             torch.cuda.synchronize(x.device)
@@ -286,6 +287,20 @@ def activation_bytes(module: nn.Module, x: torch.Tensor, activation_memory: str 
         held -= out.numel() * out.element_size()  # the output itself is not kept for backward
         _cross_entropy(out).backward()
     return int(held)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Collect garbage first and pause the collector, so tensors of unrelated objects freed by a
+    collection during the counted forward do not count against it."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _cross_entropy(out: torch.Tensor) -> torch.Tensor:
