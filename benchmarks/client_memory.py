@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import os
 import statistics
@@ -104,10 +103,7 @@ def _child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     # first use of the runtime before the baseline, the same in both modes: kernels, the autograd engine,
     # the optimizer, and checkpoint's import of torch._dynamo (which `import fedml` loads in every FedML
-    # client process anyway; its size is reported as import_mb)
-    rss = proc_status_kb("VmRSS")
-    importlib.import_module("torch._higher_order_ops.wrap")
-    import_mb = (proc_status_kb("VmRSS") - rss) / 1024
+    # client process anyway)
     warm = PrincipalModel(create_model("resnet_tiny", width=0.125), PrismConfig()).sample_submodel(0, 0, record=False)
     local_train(warm.module, [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))], activation_memory="principal")
     del warm
@@ -116,7 +112,7 @@ def _child(args: argparse.Namespace) -> None:
     module = SubModel.from_payload(torch.load(args.payload, weights_only=True), template_of(args.model)).module
     x, y = batch_for(args.model, args.batch_size)
     local_train(module, [(x, y)] * 2, lr=0.01, activation_memory=args.mode)
-    print(json.dumps({"peak_rss_mb": (proc_status_kb("VmHWM") - base) / 1024, "import_mb": import_mb}))
+    print(json.dumps({"peak_rss_mb": (proc_status_kb("VmHWM") - base) / 1024}))
 
 
 def peak_rss_mb(args: argparse.Namespace, model: str, payload: dict[str, torch.Tensor], batch: int,
@@ -133,8 +129,7 @@ def peak_rss_mb(args: argparse.Namespace, model: str, payload: dict[str, torch.T
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
             if run.returncode:
                 raise RuntimeError(f"peak memory child failed ({' '.join(cmd[2:])}):\n{run.stderr[-2000:]}")
-            child = json.loads(run.stdout.strip().splitlines()[-1])
-            out[key], out["import_mb"] = child["peak_rss_mb"], child["import_mb"]
+            out[key] = json.loads(run.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     return out
 
 

@@ -39,12 +39,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .config import PrismConfig
+from .decompose import _NORMS, factorizable_layers
 from .layers import PrincipalLayer, principal_part
 
 log = logging.getLogger(__name__)
 _LOGGED: set[tuple[str, str, str]] = set()
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 _aten = torch.ops.aten
 #: ops whose outputs are kept: expensive to recompute relative to their output's size
 _MATMUL_OPS = {
@@ -82,6 +83,10 @@ class Units:
     skipped: list[tuple[str, str]]
 
 
+def _has_principal(module: nn.Module) -> bool:
+    return any(isinstance(m, PrincipalLayer) for m in module.modules())
+
+
 def _skip_reason(module: nn.Module) -> str | None:
     if "forward" in vars(module):
         return "its forward is replaced on the instance (wrapped by another tool or already recomputing)"
@@ -89,8 +94,7 @@ def _skip_reason(module: nn.Module) -> str | None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
             where = f" ({name})" if name else ""
             return f"BatchNorm{where} updates running statistics, which a recomputation would update twice"
-    dense = not any(isinstance(m, PrincipalLayer) for m in module.modules())
-    if dense and not any(isinstance(m, _NORMS) for m in module.modules()):
+    if not _has_principal(module) and not any(isinstance(m, _NORMS) for m in module.modules()):
         # what a dense unit recomputes is normalization + activation from the kept products; without a
         # norm (an LSTM layer) the kept products are most of what plain autograd keeps anyway
         return "a dense block without normalization keeps about what plain autograd keeps"
@@ -99,12 +103,7 @@ def _skip_reason(module: nn.Module) -> str | None:
 
 def _narrowable(model: nn.Module) -> set[str]:
     principal = {name for name, m in model.named_modules() if isinstance(m, PrincipalLayer)}
-    if principal:
-        return principal
-    from .config import PrismConfig
-    from .decompose import factorizable_layers
-
-    return set(factorizable_layers(model, PrismConfig()))
+    return principal or set(factorizable_layers(model, PrismConfig()))
 
 
 def recompute_units(model: nn.Module) -> Units:
@@ -145,8 +144,8 @@ def _checkpointed(forward: object, policy: object, *args: object, **kwargs: obje
 
 @contextmanager
 def principal_width(model: nn.Module, enabled: bool = True) -> Iterator[Units]:
-    """Within the block, forward passes of ``model`` keep for backward only what :func:`keep_output`
-    keeps in each unit, and the backward pass recomputes the rest (``enabled=False``: plain autograd).
+    """Within the block, forward passes of ``model`` keep for backward only what :func:`keep_narrow` /
+    :func:`keep_products` keep in each unit, and the backward pass recomputes the rest (``enabled=False``: plain autograd).
     Run the backward pass inside the block too. Yields the :class:`Units` found."""
     found = recompute_units(model) if enabled else Units([], [])
     for name, reason in found.skipped:
@@ -156,8 +155,8 @@ def principal_width(model: nn.Module, enabled: bool = True) -> Iterator[Units]:
     patched = []
     try:
         for _, unit in found.units:
-            narrow = any(isinstance(m, PrincipalLayer) for m in unit.modules())
-            unit.forward = functools.partial(_checkpointed, unit.forward, keep_narrow if narrow else keep_products)
+            policy = keep_narrow if _has_principal(unit) else keep_products
+            unit.forward = functools.partial(_checkpointed, unit.forward, policy)
             patched.append(unit)
         yield found
     finally:
