@@ -25,7 +25,10 @@ MASTER = bytes(range(32))
 def codecs(max_bytes: int = 1 << 20, auth: bool = True) -> tuple[FrameCodec, FrameCodec, FrameCodec]:
     ring = (lambda r: KeyRing(r, MASTER if r == 0 else worker_key(MASTER, r))) if auth else (lambda r: KeyRing(r))
     server = FrameCodec("run7", 0, {1, 2}, ring(0), max_bytes, round_of=lambda: 4)
-    return server, FrameCodec("run7", 1, {0}, ring(1), max_bytes), FrameCodec("run7", 2, {0}, ring(2), max_bytes)
+    workers = FrameCodec("run7", 1, {0}, ring(1), max_bytes), FrameCodec("run7", 2, {0}, ring(2), max_bytes)
+    for w in workers:  # each worker hears from the server first, as in a job: its frames carry the server's session
+        w.decode(server.encode(Message(6, 0, w.rank)), transport_sender=0)
+    return server, *workers
 
 
 def bundle_msg(sender: int, receiver: int, **extra) -> Message:
@@ -61,8 +64,8 @@ def test_a_pickle_is_never_loaded(tmp_path) -> None:
     # and the same pickle hidden after a valid-looking header, as the tensor blob
     # (correctly signed, with the right digest: only the safetensors parser stands in the way)
     with pytest.raises(WireError, match="not valid safetensors"):
-        server.decode(_with_blob({"sender": 1, "tensors": True, "run": "run7", "seq": 5}, marker_pickle(marker)),
-                      transport_sender=1)
+        head = {"sender": 1, "tensors": True, "run": "run7", "seq": 5, "session": server.session}
+        server.decode(_with_blob(head, marker_pickle(marker)), transport_sender=1)
     assert not marker.exists()
 
 
@@ -115,7 +118,7 @@ def test_size_caps_and_bad_blobs() -> None:
     # a safetensors header claiming a dtype that does not exist (the closest a frame gets to a meta tensor)
     bogus = b'{"w":{"dtype":"META","shape":[2],"data_offsets":[0,8]}}'
     blob = len(bogus).to_bytes(8, "little") + bogus + b"\x00" * 8
-    head = {"sender": 1, "tensors": True, "run": "run7", "seq": 10**19}
+    head = {"sender": 1, "tensors": True, "run": "run7", "seq": 10**18, "session": server.session}
     with pytest.raises(WireError, match="not valid safetensors"):
         server.decode(_with_blob(head, blob), transport_sender=1)
 

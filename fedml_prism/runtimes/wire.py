@@ -14,12 +14,22 @@ whatever code the sender put in. A PriSM frame instead is::
 version, the header's fields and types, the run, the receiver, that the sender is a known party (and the
 one the transport saw: the gRPC caller's id, the MQTT topic), the blob's digest, the HMAC over
 (run, session, seq, round, sender, receiver, type, params, digest) with the key of that sender's link,
-and that the sequence number grows (a replayed frame is rejected). Every failure raises
-:class:`WireError` with the reason; transports log it and drop the frame.
+that the sequence number grows (a replayed frame is rejected), and, at the server, that a worker's frame
+carries this server process's session (below). Every failure, whatever the bytes, raises
+:class:`WireError` with the reason (no other exception leaves ``decode``: tests/test_wire_hostile.py fuzzes
+it); transports log it and drop the frame. Numbers are finite and bounded (``seq`` and every JSON integer fit
+in 64 bits), values nest at most ``MAX_DEPTH`` deep, a message type is a short plain token (nothing a peer
+sends can forge a log line through it), and FedML's local-only type 0 (CONNECTION_IS_READY, what a party's own
+transport tells its manager) is never accepted from a peer.
 
 Round and session are handed to the managers (``WIRE_ROUND`` / ``WIRE_SESSION`` in the message
 parameters): the server sends its round and a random session id made at start; a worker echoes both in
-its upload, and the server rejects an upload of another round or of an earlier server process.
+every frame once it has heard from the server. The server's codec rejects any worker frame of another
+session (recorded before a server restart: sequence numbers live in memory, so only the session tells a
+replay from a fresh frame after a restart). A worker that has not heard from this server yet may send one
+thing without a session: a status (its hello); the server manager never acts on it beyond asking that
+worker for its status again (the answer carries the session), so a recorded hello replayed into a resumed
+server only makes it send that question.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import hashlib
 import hmac
 import json
 import logging
+import math
+import re
 import secrets
 import struct
 import threading
@@ -51,6 +63,13 @@ MODEL_PARAMS = "model_params"
 WIRE_ROUND = "prism::wire_round"
 WIRE_SESSION = "prism::wire_session"
 MAX_HEADER_BYTES = 1 << 20
+MAX_DEPTH = 16  # nesting of JSON values in a header
+INT_BOUND = 1 << 63  # every JSON integer in a header, seq included, is in (-INT_BOUND, INT_BOUND)
+ROUND_BOUND = 1 << 31
+LOCAL_TYPES = frozenset({0})  # FedML's CONNECTION_IS_READY: from a party's own transport only
+HELLO_TYPES = frozenset({5})  # FedML's C2S_CLIENT_STATUS: the one frame a worker may send before it knows the session
+_TYPE = re.compile(r"-?[A-Za-z0-9_.:]{1,64}")
+_MAC = re.compile(r"[0-9a-f]{64}")
 HEADER_FIELDS = {"run": str, "session": str, "seq": int, "round": int, "sender": int, "receiver": int,
                  "type": str, "params": dict, "digest": str, "mac": str, "tensors": bool}
 
@@ -75,6 +94,30 @@ def _json_value(key: str, value: Any) -> Any:
     return json.loads(text)
 
 
+def _check_values(value: Any) -> None:
+    """``WireError`` if a decoded JSON value nests deeper than ``MAX_DEPTH`` (iterative: no recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= MAX_DEPTH:
+                raise WireError(f"frame header values are nested more than {MAX_DEPTH} deep")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is not finite")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 19 or not -INT_BOUND < (value := int(text)) < INT_BOUND:
+        raise ValueError(f"integer {text[:40]}... is out of range (64 bits)")
+    return value
+
+
 def tensors_to_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """A mapping of tensors as safetensors bytes (contiguous CPU copies; shared storage is fine)."""
     flat = {}
@@ -91,8 +134,9 @@ def tensors_from_bytes(blob: bytes) -> OrderedDict[str, torch.Tensor]:
     """Parse a safetensors blob (no code runs): dense CPU tensors in the sender's order."""
     try:
         loaded = st_load(blob)
-    except (SafetensorError, ValueError, RuntimeError, TypeError) as err:
-        raise WireError(f"the tensor blob is not valid safetensors: {err}") from None
+    except (SafetensorError, ValueError, RuntimeError, TypeError, KeyError, OverflowError, MemoryError) as err:
+        # KeyError: a dtype the parser knows and torch's side does not map (F8_E8M0, F4)
+        raise WireError(f"the tensor blob is not valid safetensors: {type(err).__name__}: {err!s:.200}") from None
     return OrderedDict(loaded)
 
 
@@ -159,8 +203,10 @@ class FrameCodec:
             raise WireError(f"sender {sender} in the frame but {transport_sender} on the transport (spoofed sender)")
         if self.keys.enabled:
             key = self.keys.link_key(sender)
-            expected = hmac.new(key, _canonical(header), hashlib.sha256).hexdigest() if key else ""
-            if not key or not hmac.compare_digest(expected, header["mac"]):
+            if not key or not _MAC.fullmatch(header["mac"]):
+                raise WireError(f"bad message authentication code from sender {sender}")
+            expected = hmac.new(key, _canonical(header), hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(expected.encode(), header["mac"].encode()):
                 raise WireError(f"bad message authentication code from sender {sender}")
         if hashlib.sha256(blob).hexdigest() != header["digest"]:
             raise WireError("the tensor blob does not match its digest")
@@ -200,27 +246,50 @@ class FrameCodec:
         if size > MAX_HEADER_BYTES or 9 + size > len(frame):
             raise WireError(f"frame header length {size} is invalid")
         try:
-            header = json.loads(frame[9:9 + size], parse_constant=_no_constant)
+            header = json.loads(frame[9:9 + size], parse_constant=_no_constant, parse_float=_finite_float,
+                                parse_int=_bounded_int)
+        except RecursionError:
+            raise WireError(f"frame header is nested too deep (allowed {MAX_DEPTH} levels)") from None
         except (ValueError, UnicodeDecodeError) as err:
-            raise WireError(f"frame header is not JSON: {err}") from None
+            raise WireError(f"frame header is not JSON: {err!s:.200}") from None
         if not isinstance(header, dict):
             raise WireError("frame header is not a JSON object")
+        _check_values(header)
         for name, kind in HEADER_FIELDS.items():
             value = header.get(name)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise WireError(f"frame header field {name!r}={value!r:.40} is invalid: allowed {kind.__name__}")
+        if not 0 <= header["seq"] < INT_BOUND:
+            raise WireError(f"frame header field 'seq'={header['seq']!r:.40} is invalid: allowed 0..2^63-1")
+        if not -1 <= header["round"] < ROUND_BOUND:
+            raise WireError(f"frame header field 'round'={header['round']!r:.40} is invalid: allowed -1..2^31-1")
+        if not _TYPE.fullmatch(header["type"]):
+            raise WireError(f"frame header field 'type'={header['type']!r:.70} is invalid: allowed a message type "
+                            "(1 to 64 letters, digits, '_', '.', ':')")
         if header["run"] != self.run_id:
             raise WireError(f"frame of run {header['run']!r:.40}, this is run {self.run_id!r}")
         if header["receiver"] != self.rank:
             raise WireError(f"frame for receiver {header['receiver']}, this is party {self.rank}")
         if header["sender"] not in self.peers:
             raise WireError(f"frame from unknown sender {header['sender']} (allowed {sorted(self.peers)})")
+        msg_type = message_type(header["type"])
+        if msg_type in LOCAL_TYPES:
+            raise WireError(f"message type {header['type']!r} is local to a party (FedML's connection-ready), never sent "
+                            "by a peer")
+        if self.rank == 0 and header["session"] != self.session:
+            if header["session"]:
+                raise WireError(f"frame of another server session {header['session']!r:.40} (recorded before this server "
+                                "process started: replayed)")
+            if msg_type not in HELLO_TYPES:
+                raise WireError(f"frame without a session: only a status (a worker's hello) may come before the worker "
+                                f"has heard from this server; got type {header['type']!r}")
         return header, frame[9 + size:]
 
 
 def message_type(text: str) -> int | str:
     """A frame's message type as FedML keys its handlers: its int types travel as text."""
-    return int(text) if text.lstrip("-").isdigit() and len(text) < 10 else text
+    digits = text[1:] if text.startswith("-") else text
+    return int(text) if digits.isascii() and digits.isdigit() and len(text) < 10 else text
 
 
 def _no_constant(name: str) -> Any:
