@@ -10,7 +10,14 @@ protocol and classes, and adds:
 - a per-round deadline (``round_timeout_s``): workers that have not uploaded by then are left out of
   that round (a late upload of an old round is rejected by the aggregator's checks);
 - a start deadline (workers that never come online) and a finish deadline (dead workers never report
-  FINISHED);
+  FINISHED). Each is its own timer, armed only by the server's own progress (its transport ready once,
+  a round's bundles sent, the last round closed): nothing a peer sends arms, re-arms or cancels one, so a
+  round closes by ``round_timeout_s`` and the run ends by its finish deadline whatever peers send
+  (tests/test_hostile_control.py). A FINISHED status before the last round is over, a status FedML does
+  not know and a message type the server has no handler for are logged and dropped;
+- a worker's hello (an ONLINE status without the server's session: it has not heard from this server
+  process yet, or it is a recording replayed into a restarted server) is answered only with FedML's
+  status question, never counted as online: the answer, carrying this server's session, is;
 - PriSM's own transports for gRPC and MQTT_S3 (:mod:`fedml_prism.runtimes.transport`: no pickle, checked
   frames), and checks on every upload before FedML's handler sees it: a known sender, the round and
   session the server sent (no stale or replayed round), a bundle holding only the PriSM clients this
@@ -58,7 +65,9 @@ class PrismServerManager(FedMLServerManager):
         self.start_timeout_s = start_timeout_s
         self.dead: set[int] = set()
         self._lock = threading.RLock()
-        self.deadline = Deadline()
+        # one timer per purpose: arming one never cancels another
+        self.start_deadline, self.round_deadline, self.finish_deadline = Deadline(), Deadline(), Deadline()
+        self._start_armed = False
         self._finishing = False
 
     # ------------------------------------------------------------------ safe transports, checked uploads
@@ -77,6 +86,10 @@ class PrismServerManager(FedMLServerManager):
         return int(server.round_idx) if server is not None else int(getattr(self.args, "round_idx", 0))
 
     def receive_message(self, msg_type: Any, msg_params: Any) -> None:
+        if msg_type not in self.message_handler_dict:
+            log.warning("dropped a message of type %s from %s: the server has no handler for it", _safe(msg_type),
+                        _safe(msg_params.get(MyMessage.MSG_ARG_KEY_SENDER)))
+            return
         try:
             super().receive_message(msg_type, msg_params)
         except Exception as err:  # noqa: BLE001 - nothing a peer sends may end the server loop
@@ -117,19 +130,44 @@ class PrismServerManager(FedMLServerManager):
             self.dead.add(receiver)
 
     # ------------------------------------------------------------------ rounds with deadlines
+    def handle_message_client_status_update(self, msg_params: Any) -> None:
+        """FedML's handler, logging the peer's status escaped (FedML logs it raw: a newline in it would forge
+        a log line) and dropping statuses it does not know."""
+        status = msg_params.get(MyMessage.MSG_ARG_KEY_CLIENT_STATUS)
+        sender = msg_params.get(MyMessage.MSG_ARG_KEY_SENDER)
+        if status == self.ONLINE_STATUS_FLAG:
+            self.process_online_status(status, msg_params)
+        elif status == self.RUN_FINISHED_STATUS_FLAG:
+            self.process_finished_status(status, msg_params)
+        else:
+            log.warning("dropped status %s from worker %s: allowed %s or %s", _safe(status), _safe(sender),
+                        self.ONLINE_STATUS_FLAG, self.RUN_FINISHED_STATUS_FLAG)
+
     def process_online_status(self, client_status: Any, msg_params: Any) -> None:
         """FedML answers every ONLINE status with the whole init round (new bundles to every worker,
         the round deadline re-armed), even mid-run: a peer repeating ONLINE would keep any round from
-        closing. After the start, ONLINE only marks the worker online."""
+        closing. After the start, ONLINE only marks the worker online. A hello without this server's
+        session is answered with the status question (see the module doc)."""
+        sender = msg_params.get_sender_id()
         with self._lock:
+            if msg_params.get(WIRE_SESSION) == "":
+                log.info("worker %s said hello without this server's session: asking for its status", _safe(sender))
+                if sender in self.client_real_ids:
+                    self.send_message_check_client_status(sender, self.client_real_ids.index(sender))
+                return
             if self.is_initialized:
-                self.client_online_mapping[str(msg_params.get_sender_id())] = True
+                self.client_online_mapping[str(sender)] = True
                 return
             super().process_online_status(client_status, msg_params)
 
     def handle_message_connection_ready(self, msg_params: Any) -> None:
-        super().handle_message_connection_ready(msg_params)
-        self.deadline.arm(self._start_deadline, self.start_timeout_s)
+        """This party's own transport is up (FedML's type 0: the codec refuses it from peers). An MQTT client
+        reconnecting says so again: only the first time starts the run's start deadline."""
+        with self._lock:
+            super().handle_message_connection_ready(msg_params)
+            if not self._start_armed:
+                self._start_armed = True
+                self.start_deadline.arm(self._start_deadline, self.start_timeout_s)
 
     def send_init_msg(self) -> None:
         with self._lock:
@@ -152,11 +190,13 @@ class PrismServerManager(FedMLServerManager):
 
     def _round_sent(self) -> None:
         """A round's bundles went out: close dead workers' shares now, and arm the deadline."""
+        self.start_deadline.cancel()
         if self.args.round_idx >= self.round_num:
-            self.deadline.arm(self._finish_deadline, self.round_timeout_s)
+            self.round_deadline.cancel()
+            self.finish_deadline.arm(self._finish_deadline, self.round_timeout_s)
             return
         round_idx = self.args.round_idx
-        self.deadline.arm(lambda: self._round_deadline(round_idx), self.round_timeout_s)
+        self.round_deadline.arm(lambda: self._round_deadline(round_idx), self.round_timeout_s)
         for worker in sorted(self.dead & set(self.client_id_list_in_this_round)):
             if self.args.round_idx != round_idx:
                 break
@@ -202,6 +242,10 @@ class PrismServerManager(FedMLServerManager):
 
     def process_finished_status(self, client_status: Any, msg_params: Any) -> None:
         with self._lock:
+            if self.args.round_idx < self.round_num:
+                log.warning("dropped FINISHED from worker %s before the last round (%d of %d rounds done)",
+                            _safe(msg_params.get_sender_id()), self.args.round_idx, self.round_num)
+                return
             self.client_finished_mapping[str(msg_params.get_sender_id())] = True
             self._maybe_finish()
 
@@ -213,7 +257,8 @@ class PrismServerManager(FedMLServerManager):
         if pending:
             log.warning("workers %s did not report FINISHED within %.0f s", pending, self.round_timeout_s)
         self._finishing = True
-        self.deadline.cancel()
+        for timer in (self.start_deadline, self.round_deadline, self.finish_deadline):
+            timer.cancel()
         time.sleep(0.5)
         self.finish()
 
@@ -223,6 +268,6 @@ class PrismServerManager(FedMLServerManager):
 
 
 def _safe(value: Any) -> str:
-    """A peer-sent value for a log line: its repr, cut short."""
+    """A peer-sent value for a log line: its repr (control characters escaped: no forged lines), cut short."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
