@@ -6,8 +6,9 @@ signed. It comes online like a worker, and each time the server sends it somethi
 of round 2, and the message after the last round) it answers with every control message but an upload:
 FedML's local-only CONNECTION_IS_READY (type 0, which re-armed the server's one deadline with the start
 deadline and so cancelled the round's and, after the last round, the finish deadline), ONLINE and FINISHED
-statuses (no FINISHED after the last round: that would let the run end), a status holding a newline (a forged log line), the server's own message types, FedML's unused
-stats and finished types and an unknown one. Then it goes silent. The honest workers' rounds must close by
+statuses (no FINISHED after the last round: that would let the run end), a status holding a newline (a
+forged log line), the server's own message types, FedML's unused stats and finished types and an unknown
+one. Then it goes silent. The honest workers' rounds must close by
 ``round_timeout_s`` and the run end by its finish deadline, with the honest workers' training in every round.
 """
 
