@@ -1,28 +1,84 @@
-"""Reading a device's ``.mnn`` graph in a child process with a time and a memory limit.
+"""Reading a device's ``.mnn`` graph in a sandboxed child process.
 
-An uploaded graph is bytes chosen by a device: MNN's C++ loader parses them, and a bug there must
-not be the server's bug. So the server never loads an uploaded graph itself: :func:`read_isolated`
-runs this file as a script (``python -I mnn_sandbox.py GRAPH OUT MEMORY_MB``; it imports neither
-``fedml_prism`` nor torch, only numpy, safetensors and MNN), in a fresh temporary folder, with a
-scrubbed environment (no credentials), and these limits set in the child before MNN is imported:
-address space (``RLIMIT_AS``), no core file, a file size cap on what it writes and a CPU-time cap;
-the parent kills it at the wall-clock limit. The child writes only the graph's parameters, as
-float32 arrays, to a safetensors file (no pickle); the parent checks that file's size, names,
-dtypes and shapes before anything is used. A crash, a timeout, a non-zero exit or bad output is an
+An uploaded graph is bytes chosen by a device: MNN's C++ loader parses them, and a bug there must not be the
+server's bug. So the server never loads an uploaded graph itself: :func:`read_isolated` runs this file as a
+script (``python -I mnn_sandbox.py SPEC``; it imports neither ``fedml_prism`` nor torch, only numpy,
+safetensors and MNN) and reads back only float32 arrays, as safetensors (no pickle), whose file type, size,
+names, dtypes and shapes it checks. A crash, a timeout, a non-zero exit or bad output is an
 :class:`UnreadableGraph` naming the reason.
+
+The child imports numpy, safetensors and MNN first (trusted code, with the server's file access: the Python
+install need not be readable by the sandbox uid), then, still before it opens the graph, confines itself
+in layers. What holds, by layer:
+
+* Always (any uid, any Linux): the graph is copied into a fresh, otherwise empty folder (mode 0700) that is
+  the child's working directory and the only place its output is read from; the environment is scrubbed
+  (no credentials), ``python -I``, no inherited descriptors but ``/dev/null`` and a stderr file of bounded
+  size (``RLIMIT_FSIZE``); rlimits on address space, CPU time, file size, open files, no core file;
+  ``no_new_privs``; the child leads its own session and process group, which is SIGKILLed whole at the
+  wall-clock limit and after the child exits. The output is opened without following links and must be a
+  regular file of the child's with one link and at most the expected size.
+* ``seccomp`` (x86_64 and aarch64 kernels with seccomp filters, as Debian's and most distributions' are;
+  the filter is written here, no package): the child cannot create sockets (no network, no Unix sockets),
+  create processes (fork, vfork, clone without ``CLONE_THREAD``; threads are allowed), exec, ptrace or
+  read/write another process's memory, signal any process but itself, or use io_uring, unshare/setns, bpf,
+  perf_event_open, keyctl or userfaultfd. So no process outlives the child, and the process-group kill
+  ends everything it runs.
+* ``landlock`` (Linux >= 5.13 built with Landlock and booted with it in the LSM list, a choice of each
+  distribution's kernel; the child probes it): the child reads only the Python installation's standard
+  library, the site-packages folders of numpy, safetensors and MNN, the system library folders,
+  ``/etc/ld.so.cache``, ``/proc/cpuinfo``, ``/sys/devices/system/cpu`` and ``/dev/null`` / ``/dev/urandom``,
+  and writes (regular files only) in its own folder: nothing of the server's job folder, configs, keys or
+  checkpoints, not even world-readable ones, and no ``/proc`` of another process. With Landlock ABI >= 4
+  (Linux 6.7) no TCP bind or connect; with ABI >= 6 (Linux 6.12) no signal and no abstract Unix socket
+  outside its own domain.
+* ``uid`` (only when the server runs as root): the child runs as a fresh unprivileged uid/gid per parse
+  (random in [1 600 000 000, + 2^20), no supplementary groups), so even without Landlock it reads only
+  world-readable files and writes only where anyone may (``/tmp``), cannot signal or ptrace the server,
+  and is limited to 32 tasks (``RLIMIT_NPROC``); after the child exits or times out every process of that
+  uid is SIGKILLed, so even without seccomp a ``setsid()`` grandchild does not survive. A root whose
+  ``/proc/self/uid_map`` does not map that range (a rootless container) runs the child as itself.
+* ``netns``: the child gets its own network namespace (only a loopback that is down): as root directly,
+  otherwise (or where root lacks ``CAP_SYS_ADMIN``) inside a new user namespace, where the kernel allows
+  unprivileged user namespaces (Debian's default: yes; Ubuntu 24.04 with its AppArmor default: no).
+
+Where a layer is unavailable the first parse logs one warning naming it and why. What that leaves open:
+without ``uid`` (server not root) the child has the server's uid, so without Landlock it can read every
+file the server can and, through ``/proc``, the server's memory; without seccomp it can fork, and as a
+non-root user a ``setsid()`` grandchild escapes the process-group kill; without seccomp and ``netns`` it
+has the server's network (Landlock ABI >= 4 closes TCP only).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import logging
 import os
+import secrets
+import shutil
+import signal
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 INPUT, OUTPUT = "data", "prob"  # the names the Android SDK's trainer gives the graph it saves
-_OUT_NAME = "params.safetensors"
+_GRAPH_NAME, _OUT_NAME = "graph.mnn", "params.safetensors"
 _STDERR_TAIL = 300
+_REPORT = "prism-sandbox: "  # the child's first stderr line, written before it touches the graph
+LAYERS = frozenset({"uid", "netns", "landlock", "seccomp"})
+_UID_BASE, _UID_SPAN = 1_600_000_000, 1 << 20
+_NPROC = 32  # tasks (threads) of the sandbox uid
+_NOFILE = 64
+_said: set[str] = set()
 
 
 class UnreadableGraph(ValueError):
@@ -65,62 +121,217 @@ def graph_module(mnn, path: str, for_training: bool = True):
 
 
 def read_isolated(path: str, shapes: list[tuple[int, ...]], limits: ParseLimits | None = None) -> list:
-    """The parameters of graph ``path`` as float32 numpy arrays, read by a child process; each must
-    have the number of values of the matching entry of ``shapes`` (the graph the server sent).
+    """The parameters of graph ``path`` as float32 numpy arrays, read by a sandboxed child process; each
+    must have the number of values of the matching entry of ``shapes`` (the graph the server sent).
     Raises :class:`UnreadableGraph` with the reason otherwise."""
     import numpy as np
-    from safetensors import safe_open
 
     limits = limits or ParseLimits()
     expected = sum(int(np.prod(s)) for s in shapes) * 4
     cap = min(limits.max_output_bytes, expected + (1 << 20))
-    with tempfile.TemporaryDirectory(prefix="prism_mnn_") as work:
-        out = os.path.join(work, _OUT_NAME)
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1", "HOME": work, "LANG": "C.UTF-8"}
-        if os.environ.get("LD_LIBRARY_PATH"):
-            env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
-        cmd = [sys.executable, "-I", os.path.abspath(__file__), os.path.abspath(path), out, str(limits.memory_mb),
-               str(cap), str(int(limits.timeout_s) + 1)]
-        try:
-            done = subprocess.run(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, timeout=limits.timeout_s, check=False)
-        except subprocess.TimeoutExpired:
-            raise UnreadableGraph(f"the MNN parser timed out after {limits.timeout_s:g} s") from None
-        if done.returncode != 0:
-            tail = done.stderr.decode(errors="replace").strip().splitlines()
+    with _sandboxed(path, limits, cap) as run:
+        if run.timed_out:
+            raise UnreadableGraph(f"the MNN parser timed out after {limits.timeout_s:g} s")
+        if run.returncode != 0:
+            tail = run.stderr.strip().splitlines()
             why = tail[-1][:_STDERR_TAIL] if tail else "no message"
-            how = f"was killed by signal {-done.returncode}" if done.returncode < 0 else f"exited with {done.returncode}"
+            how = f"was killed by signal {-run.returncode}" if run.returncode < 0 else f"exited with {run.returncode}"
             raise UnreadableGraph(f"the MNN parser {how} (limits {limits.timeout_s:g} s, {limits.memory_mb} MiB): {why}")
-        if not os.path.isfile(out):
-            raise UnreadableGraph("the MNN parser wrote no parameters")
-        size = os.path.getsize(out)
-        if size > cap:
-            raise UnreadableGraph(f"the MNN parser wrote {size} bytes, more than the {cap} expected")
-        try:
-            with safe_open(out, framework="numpy") as f:
-                names = list(f.keys())
-                if names != [_name(i) for i in range(len(names))]:
-                    raise UnreadableGraph(f"the MNN parser's output has unexpected entries {names[:5]}")
-                if len(names) != len(shapes):
-                    raise UnreadableGraph(f"the graph has {len(names)} parameters, the graph sent had {len(shapes)}")
-                params = []
-                for name, shape in zip(names, shapes, strict=True):
-                    arr = f.get_tensor(name)
-                    if arr.dtype != np.float32:
-                        raise UnreadableGraph(f"parameter #{int(name[1:])} has dtype {arr.dtype}, expected float32")
-                    if arr.size != int(np.prod(shape)):
-                        raise UnreadableGraph(f"parameter #{int(name[1:])} has {arr.size} values, expected "
-                                              f"{int(np.prod(shape))} (shape {list(shape)})")
-                    params.append(np.array(arr, dtype=np.float32, copy=True))
-        except UnreadableGraph:
-            raise
-        except Exception as err:  # noqa: BLE001 - any failure to read the child's file rejects the graph
-            raise UnreadableGraph(f"the MNN parser's output is unreadable: {type(err).__name__}: {err}") from None
+        data = _read_output(os.path.join(run.work, _OUT_NAME), run.uid, cap)
+    try:
+        from safetensors.numpy import load
+
+        arrays = load(data)
+    except Exception as err:  # noqa: BLE001 - any failure to read the child's file rejects the graph
+        raise UnreadableGraph(f"the MNN parser's output is unreadable: {type(err).__name__}: {err}") from None
+    names = sorted(arrays)
+    if names != [_name(i) for i in range(len(names))]:
+        raise UnreadableGraph(f"the MNN parser's output has unexpected entries {names[:5]}")
+    if len(names) != len(shapes):
+        raise UnreadableGraph(f"the graph has {len(names)} parameters, the graph sent had {len(shapes)}")
+    params = []
+    for i, (name, shape) in enumerate(zip(names, shapes, strict=True)):
+        arr = arrays[name]
+        if arr.dtype != np.float32:
+            raise UnreadableGraph(f"parameter #{i} has dtype {arr.dtype}, expected float32")
+        if arr.size != int(np.prod(shape)):
+            raise UnreadableGraph(f"parameter #{i} has {arr.size} values, expected {int(np.prod(shape))} "
+                                  f"(shape {list(shape)})")
+        params.append(np.array(arr, dtype=np.float32, copy=True))
     return params
 
 
 def _name(i: int) -> str:
     return f"p{i:05d}"
+
+
+def _read_output(path: str, uid: int | None, cap: int) -> bytes:
+    """The child's output file: opened without following a link or blocking on a FIFO, and only a regular
+    file with one link (no hard link to another file), of the sandbox uid when there is one, and at most
+    ``cap`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UnreadableGraph("the MNN parser wrote no parameters") from None
+    except OSError as err:
+        raise UnreadableGraph(f"the MNN parser's output cannot be opened: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or (uid is not None and st.st_uid != uid):
+            raise UnreadableGraph("the MNN parser's output is not a regular file of its own")
+        if st.st_size > cap:
+            raise UnreadableGraph(f"the MNN parser wrote {st.st_size} bytes, more than the {cap} expected")
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise UnreadableGraph(f"the MNN parser wrote more than the {cap} bytes expected")
+    return data
+
+
+# ------------------------------------------------------------------------------ the launcher
+@dataclass
+class _Run:
+    """One sandboxed run: ``returncode`` (None when it timed out), the child's stderr (head and tail), the
+    layers it reported, its uid (None: the server's), process group and working folder."""
+
+    returncode: int | None
+    stderr: str
+    pgid: int
+    uid: int | None
+    work: str
+    report: dict = field(default_factory=dict)
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode is None
+
+
+def _sandbox_uid() -> tuple[int | None, str]:
+    """A fresh uid for one child, or None and why not."""
+    if os.geteuid() != 0:
+        return None, f"the server runs as uid {os.geteuid()}, not root"
+    for name in ("uid_map", "gid_map"):
+        try:
+            with open(f"/proc/self/{name}") as f:
+                ranges = [tuple(int(x) for x in line.split()) for line in f if line.strip()]
+        except OSError as err:
+            return None, f"/proc/self/{name}: {err.strerror}"
+        if not any(lo <= _UID_BASE and _UID_BASE + _UID_SPAN <= lo + n for lo, _, n in ranges):
+            return None, f"/proc/self/{name} maps no ids in [{_UID_BASE}, {_UID_BASE + _UID_SPAN})"
+    return _UID_BASE + secrets.randbelow(_UID_SPAN), ""
+
+
+@contextlib.contextmanager
+def _sandboxed(graph: str | None, limits: ParseLimits, cap: int, *, layers: frozenset[str] = LAYERS,
+               script: str | None = None, args: tuple[str, ...] = ()) -> Iterator[_Run]:
+    """Run the child on a copy of ``graph`` in a fresh folder, confined by ``layers``; yield the finished
+    run while its folder still exists. ``script`` (tests only: a stand-in parser) is a file whose top level
+    runs before the child confines itself (imports, definitions), and whose ``main(args)`` then runs
+    confined in place of the parse."""
+    uid, why = _sandbox_uid() if "uid" in layers else (None, "not asked for")
+    with tempfile.TemporaryDirectory(prefix="prism_mnn_", ignore_cleanup_errors=True) as work, \
+            tempfile.TemporaryFile(prefix="prism_mnn_err_") as err:
+        if graph is not None:
+            try:
+                shutil.copyfile(graph, os.path.join(work, _GRAPH_NAME))
+            except OSError as e:
+                raise UnreadableGraph(f"the graph cannot be copied for the MNN parser: {e.strerror}") from None
+            os.chmod(os.path.join(work, _GRAPH_NAME), 0o400)
+        if uid is not None:
+            for p in (work, os.path.join(work, _GRAPH_NAME)):
+                if os.path.exists(p):
+                    os.chown(p, uid, uid)
+        spec = {"memory_mb": limits.memory_mb, "max_output": cap, "cpu_s": int(limits.timeout_s) + 1,
+                "uid": uid, "uid_why": why, "layers": sorted(layers), "script": script, "args": list(args)}
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": work, "LANG": "C.UTF-8",
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        if os.environ.get("LD_LIBRARY_PATH"):
+            env["LD_LIBRARY_PATH"] = os.environ["LD_LIBRARY_PATH"]
+        cmd = [sys.executable, "-I", os.path.abspath(__file__), json.dumps(spec)]
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, close_fds=True, start_new_session=True)
+        try:
+            code = _wait(proc, limits.timeout_s)
+        finally:
+            _end(proc, uid)
+        run = _Run(code, _head_and_tail(err), proc.pid, uid, work)
+        # the first such line is the child's own: anything the graph could make it print comes after it
+        first = next((line for line in run.stderr.splitlines() if line.startswith(_REPORT)), None)
+        if first is not None:
+            with contextlib.suppress(ValueError):
+                run.report = json.loads(first[len(_REPORT):])
+                _say(run.report)
+        yield run
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The child's exit status (None at the timeout), leaving it a zombie so its process group id stays
+    reserved until the group is killed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if info is not None:
+            return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
+def _end(proc: subprocess.Popen, uid: int | None) -> None:
+    """SIGKILL the child's process group, reap the child, then SIGKILL every process of the sandbox uid."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if uid is not None:
+        _kill_uid(uid)
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every live process whose real uid is ``uid`` (zombies are dead already), until none is left."""
+    for _ in range(200):  # a fork loop is bounded by RLIMIT_NPROC: each pass kills what it finds
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/status") as f:
+                        fields = dict(line.split(":", 1) for line in f if line.startswith(("State:", "Uid:")))
+                except (OSError, ValueError):
+                    continue
+                if fields.get("Uid", "").split()[:1] == [str(uid)] and fields.get("State", "").split()[:1] != ["Z"]:
+                    found.append(int(entry))
+        if not found:
+            return
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.005)
+    log.warning("MNN graph sandbox: processes of uid %d still appear after 200 SIGKILL passes", uid)
+
+
+def _head_and_tail(f, size: int = 4096) -> str:
+    f.seek(0, os.SEEK_END)
+    total = f.tell()
+    f.seek(0)
+    if total <= 2 * size:
+        return f.read().decode(errors="replace")
+    head = f.read(size)
+    f.seek(total - size)
+    return (head + b"\n...\n" + f.read(size)).decode(errors="replace")
+
+
+def _say(report: dict) -> None:
+    """Log, once per process and kind, which layers held and which did not (and why)."""
+    held, missing = report.get("held", {}), report.get("missing", {})
+    key = json.dumps([sorted(held), missing], sort_keys=True)
+    if key in _said:
+        return
+    _said.add(key)
+    names = ", ".join(f"{k} ({v})" if k != "uid" else "uid (a fresh uid per parse)" for k, v in sorted(held.items()))
+    if missing:
+        lost = "; ".join(f"{k}: {v}" for k, v in sorted(missing.items()))
+        log.warning("MNN graph sandbox: holds %s; NOT available: %s (see fedml_prism/runtimes/mnn_sandbox.py "
+                    "for what that leaves open)", names or "rlimits and the process-group kill only", lost)
+    else:
+        log.info("MNN graph sandbox: holds %s", names)
 
 
 # ------------------------------------------------------------------------------ the child
@@ -131,25 +342,221 @@ def _limit(memory_mb: int, max_output: int, cpu_s: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
     resource.setrlimit(resource.RLIMIT_FSIZE, (max_output, max_output))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_NOFILE, _NOFILE))
 
 
-def _child(argv: list[str]) -> int:
-    graph, out, memory_mb, max_output, cpu_s = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
-    _limit(memory_mb, max_output, cpu_s)
-    import MNN
+def _libc():
+    import ctypes
+
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def _errno_text() -> str:
+    import ctypes
+
+    return os.strerror(ctypes.get_errno())
+
+
+# Landlock (linux/landlock.h): access rights by bit, syscalls 444-446 on x86_64 and aarch64
+_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_LL_REMOVE_FILE, _LL_MAKE_REG, _LL_TRUNCATE = 1 << 5, 1 << 8, 1 << 14
+_LL_CREATE, _LL_ADD_RULE, _LL_RESTRICT = 444, 445, 446
+
+
+def _landlock(work: str, read_paths: list[str], ctypes, libc) -> str:
+    """Confine the file system (and TCP, signals and abstract sockets where the ABI has them); returns what
+    held, raises OSError with why not."""
+    abi = libc.syscall(_LL_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
+    if abi < 1:
+        raise OSError(ctypes.get_errno(), f"Landlock is unavailable ({_errno_text()})")
+    fs = (1 << {1: 13, 2: 14, 3: 15, 4: 15}.get(abi, 16)) - 1  # every file-system right this ABI knows
+    net = 0b11 if abi >= 4 else 0  # bind and connect TCP
+    scoped = 0b11 if abi >= 6 else 0  # abstract Unix sockets and signals
+    size = 8 if abi < 4 else 16 if abi < 6 else 24
+    attr = ctypes.create_string_buffer((fs.to_bytes(8, "little") + net.to_bytes(8, "little")
+                                        + scoped.to_bytes(8, "little"))[:size])
+    ruleset = libc.syscall(_LL_CREATE, attr, ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), f"landlock_create_ruleset: {_errno_text()}")
+    read_dir, read_file = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR, _LL_EXECUTE | _LL_READ_FILE
+    write = _LL_READ_FILE | _LL_READ_DIR | _LL_WRITE_FILE | _LL_REMOVE_FILE | _LL_MAKE_REG | _LL_TRUNCATE
+    rules = {work: write & fs, "/dev/null": (_LL_READ_FILE | _LL_WRITE_FILE) & fs, "/dev/urandom": _LL_READ_FILE,
+             "/etc/ld.so.cache": _LL_READ_FILE, "/proc/cpuinfo": _LL_READ_FILE}
+    for path in read_paths:
+        rules.setdefault(path, read_dir)
+    try:
+        for path, access in rules.items():
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # not on this machine
+            try:
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    access &= read_file | _LL_WRITE_FILE | _LL_TRUNCATE
+                rule = ctypes.create_string_buffer(access.to_bytes(8, "little") + fd.to_bytes(4, "little", signed=True))
+                if libc.syscall(_LL_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(1), rule, ctypes.c_uint32(0)):
+                    raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}: {_errno_text()}")
+            finally:
+                os.close(fd)
+        if libc.syscall(_LL_RESTRICT, ctypes.c_int(ruleset), ctypes.c_uint32(0)):
+            raise OSError(ctypes.get_errno(), f"landlock_restrict_self: {_errno_text()}")
+    finally:
+        os.close(ruleset)
+    extra = (", no TCP bind/connect" if net else "") + (", signals and abstract sockets scoped" if scoped else "")
+    return f"ABI {abi}: reads only the Python and system libraries, writes only its folder{extra}"
+
+
+def _read_paths() -> list[str]:
+    """Folders the child may read after it confines itself: the standard library, the site-packages of the
+    modules it uses, system libraries and CPU information (never a folder of the server's job)."""
+    import importlib.util
+    import sysconfig
+
+    paths = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"], os.path.dirname(os.__file__)}
+    dynload = os.path.join(sysconfig.get_paths()["platstdlib"], "lib-dynload")
+    paths.add(dynload)
+    for name in ("numpy", "safetensors", "MNN"):
+        spec = importlib.util.find_spec(name)
+        if spec and spec.submodule_search_locations:
+            for loc in spec.submodule_search_locations:
+                paths.add(os.path.dirname(os.path.realpath(loc)))  # its site-packages, with vendored .libs
+    paths.update(("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/sys/devices/system/cpu"))
+    return sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)})
+
+
+# seccomp: syscalls refused (EPERM) by architecture; clone is allowed for threads only, clone3 answers ENOSYS
+# (glibc then uses clone), signals go only to the child itself
+_SYSCALLS = {
+    # arch: (audit arch, refused, clone, clone3, kill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo)
+    "x86_64": (0xC000003E, {"socket": 41, "socketpair": 53, "fork": 57, "vfork": 58, "execve": 59, "ptrace": 101,
+                            "tkill": 200, "add_key": 248, "request_key": 249, "keyctl": 250, "unshare": 272,
+                            "perf_event_open": 298, "setns": 308, "process_vm_readv": 310, "process_vm_writev": 311,
+                            "bpf": 321, "execveat": 322, "userfaultfd": 323, "pidfd_send_signal": 424,
+                            "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "pidfd_open": 434,
+                            "pidfd_getfd": 438},
+               56, 435, 62, 234, 129, 297),
+    "aarch64": (0xC00000B7, {"socket": 198, "socketpair": 199, "execve": 221, "ptrace": 117, "tkill": 130,
+                             "add_key": 217, "request_key": 218, "keyctl": 219, "unshare": 97, "perf_event_open": 241,
+                             "setns": 268, "process_vm_readv": 270, "process_vm_writev": 271, "bpf": 280,
+                             "execveat": 281, "userfaultfd": 282, "pidfd_send_signal": 424, "io_uring_setup": 425,
+                             "io_uring_enter": 426, "io_uring_register": 427, "pidfd_open": 434, "pidfd_getfd": 438},
+                220, 435, 129, 131, 138, 240),
+}
+
+
+def _seccomp_program(machine: str, pid: int) -> bytes:
+    """A classic-BPF seccomp filter (struct sock_filter array) for ``machine``."""
+    arch, refused, clone, clone3, kill, tgkill, sigqueue, tgsigqueue = _SYSCALLS[machine]
+    allow, kill_process = 0x7FFF0000, 0x80000000
+    eperm, enosys = 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JGE|K, JMP|JSET|K, RET|K
+    prog: list[tuple[int, int, int, int]] = [
+        (ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill_process),  # another ABI (i386 on x86_64): kill
+        (ld, 0, 0, 0),
+    ]
+    if machine == "x86_64":
+        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, kill_process)]  # the x32 ABI
+    for nr in sorted(refused.values()):
+        prog += [(jeq, 0, 1, nr), (ret, 0, 0, eperm)]
+    prog += [(jeq, 0, 1, clone3), (ret, 0, 0, enosys)]
+    # clone: arg 0 (flags, low word at offset 16) must have CLONE_THREAD
+    prog += [(jeq, 0, 4, clone), (ld, 0, 0, 16), (jset, 0, 1, 0x00010000), (ret, 0, 0, allow), (ret, 0, 0, eperm),
+             (ld, 0, 0, 0)]
+    # kill(pid or 0, ...); tgkill / rt_sigqueueinfo / rt_tgsigqueueinfo(pid, ...): only this process
+    prog += [(jeq, 0, 5, kill), (ld, 0, 0, 16), (jeq, 2, 0, pid), (jeq, 1, 0, 0), (ret, 0, 0, eperm), (ret, 0, 0, allow),
+             (ld, 0, 0, 0)]
+    for nr in (tgkill, sigqueue, tgsigqueue):
+        prog += [(jeq, 0, 4, nr), (ld, 0, 0, 16), (jeq, 1, 0, pid), (ret, 0, 0, eperm), (ret, 0, 0, allow),
+                 (ld, 0, 0, 0)]
+    prog.append((ret, 0, 0, allow))
+    return b"".join(struct.pack("<HBBI", *ins) for ins in prog)
+
+
+def _seccomp(program: bytes | None, ctypes, libc) -> str:
+    if program is None:
+        raise OSError(0, f"no syscall table for {os.uname().machine}")
+    buf = ctypes.create_string_buffer(program)
+
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = Fprog(len(program) // 8, ctypes.addressof(buf))
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0):  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), f"prctl(PR_SET_SECCOMP): {_errno_text()}")
+    return "no sockets, processes, exec, ptrace or signals to others"
+
+
+def _confine(spec: dict) -> dict:
+    """Confine this (single-threaded) process before it opens the graph; returns the layers that held and
+    why the others did not. Everything it needs is imported or computed before it drops the uid: the Python
+    installation may be unreadable by the sandbox uid."""
+    import resource
+
+    ctypes, libc = _libc()
+    read_paths = _read_paths()
+    program = _seccomp_program(os.uname().machine, os.getpid()) if os.uname().machine in _SYSCALLS else None
+    layers, held, missing = set(spec["layers"]), {}, {}
+    if len(os.listdir("/proc/self/task")) != 1:
+        raise RuntimeError("the sandbox needs a single-threaded child (a library started a thread on import)")
+    newuser, newnet, why_not = 0x10000000, 0x40000000, []
+    if "netns" in layers and os.geteuid() == 0:
+        if libc.unshare(ctypes.c_int(newnet)) == 0:
+            held["netns"] = "own network namespace"
+        else:
+            why_not.append(f"unshare(CLONE_NEWNET): {_errno_text()}")
+    uid = spec["uid"]
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        resource.setrlimit(resource.RLIMIT_NPROC, (_NPROC, _NPROC))
+        held["uid"] = str(uid)
+    elif "uid" in layers:
+        missing["uid"] = spec["uid_why"]
+    if "netns" in layers and "netns" not in held:  # not root, or root without CAP_SYS_ADMIN (a container)
+        if libc.unshare(ctypes.c_int(newuser | newnet)) == 0:
+            held["netns"] = "own network namespace, in a user namespace"
+        else:
+            missing["netns"] = "; ".join([*why_not, f"unshare(CLONE_NEWUSER | CLONE_NEWNET): {_errno_text()}"])
+    if libc.prctl(38, 1, 0, 0, 0):  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), f"prctl(PR_SET_NO_NEW_PRIVS): {_errno_text()}")
+    held["no_new_privs"] = "set"
+    for name, step in (("landlock", lambda: _landlock(os.getcwd(), read_paths, ctypes, libc)),
+                       ("seccomp", lambda: _seccomp(program, ctypes, libc))):
+        if name in layers:
+            try:
+                held[name] = step()
+            except OSError as err:
+                missing[name] = err.strerror or str(err)
+    return {"held": held, "missing": missing}
+
+
+def _child(spec: dict) -> int:
+    _limit(spec["memory_mb"], spec["max_output"], spec["cpu_s"])
+    import MNN  # trusted imports, before the child confines itself
+    import MNN.expr
+    import MNN.nn
     import numpy as np
     from safetensors.numpy import save_file
 
-    module = graph_module(MNN, graph, True)
+    stand_in: dict = {}
+    if spec["script"]:  # tests only: a stand-in parser; its imports and definitions run before confinement,
+        with open(spec["script"]) as f:  # like the real parser's, then its main(args) runs confined
+            exec(compile(f.read(), spec["script"], "exec"), stand_in)
+    report = _confine(spec)
+    print(_REPORT + json.dumps(report), file=sys.stderr, flush=True)
+    if spec["script"]:
+        return int(stand_in["main"](spec["args"]) or 0)
+    module = graph_module(MNN, _GRAPH_NAME, True)
     arrays = {_name(i): np.ascontiguousarray(np.array(p.read(), dtype=np.float32))
               for i, p in enumerate(module.parameters)}
-    save_file(arrays, out)
+    save_file(arrays, _OUT_NAME)
     return 0
 
 
 if __name__ == "__main__":
     try:
-        sys.exit(_child(sys.argv[1:]))
+        sys.exit(_child(json.loads(sys.argv[1])))
     except MemoryError:
         print("out of memory (mnn_parse_memory_mb)", file=sys.stderr)
         sys.exit(3)
