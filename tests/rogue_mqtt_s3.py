@@ -9,8 +9,10 @@ server's frames with its own codec, and answers:
   then transport attacks: pickles (inline and in S3), path-traversal and foreign S3 keys, an oversized
   object, announcements that lie about size and hash, bogus safetensors blobs, spoofed senders (in the
   frame, and on worker 1's topic with its own key), missing and wrong MACs, exact replays, a re-announced
-  consumed key, NaN and huge integers in the header, a huge round; and, to honest worker 1, a pickle and
-  a forged server message;
+  consumed key, NaN and huge integers in the header, a huge round; S3 announcements without a MAC, with
+  another announcement's MAC and with a non-hex MAC, and a signed one whose hash lies, each repeated
+  (the server must fetch none of the first three and the last once); and, to honest worker 1, a pickle
+  and a forged server message;
 - the second bundle: the first round's upload replayed exactly and re-stamped (an older round);
 - then silence (no upload in round 2, no FINISHED).
 
@@ -20,6 +22,7 @@ Usage: python rogue_mqtt_s3.py CONFIG RUN_ID RANK KEY_FILE MARKER_PATH TIMEOUT_S
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import queue
 import struct
@@ -40,6 +43,7 @@ from fedml_prism.runtimes.security import KeyRing, read_key
 from fedml_prism.runtimes.wire import FrameCodec
 
 STATUS, UPLOAD, INIT, SYNC, CHECK = 5, 3, 1, 2, 6
+REPEATS = 4  # each refused announcement is sent this often
 
 
 STARTED = time.monotonic()
@@ -93,11 +97,18 @@ class Rogue:
         return key
 
     def announce(self, topic: str, key: str, data: bytes, what: str, size: int | None = None,
-                 sha: str | None = None) -> bytes:
-        ann = json.dumps({"key": key, "size": len(data) if size is None else size,
-                          "sha256": sha or hashlib.sha256(data).hexdigest()}).encode()
-        self.publish(topic, ann, f"{what} (key {key})")
-        return ann
+                 sha: str | None = None, mac: str | None = "sign") -> bytes:
+        """Announce ``key`` on ``topic``: signed with this worker's key as sender 3 (``mac="sign"``, what
+        an honest worker 3 sends), without a MAC (``None``) or with the ``mac`` given."""
+        ann: dict[str, Any] = {"key": key, "size": len(data) if size is None else size,
+                               "sha256": sha or hashlib.sha256(data).hexdigest()}
+        if mac == "sign":
+            mac = announcement_mac(self.key, self.run_id, self.rank, 0, ann)
+        if mac is not None:
+            ann["mac"] = mac
+        payload = json.dumps(ann).encode()
+        self.publish(topic, payload, f"{what} (key {key})")
+        return payload
 
     def via_s3(self, data: bytes, what: str, topic: str | None = None, key: str | None = None, **lie: Any) -> bytes:
         return self.announce(topic or self.own, self.put(data, key), data, what, **lie)
@@ -168,6 +179,7 @@ class Rogue:
         self.accepted = self.upload(merged)
         self.accepted_announcement = self.via_s3(self.accepted, "the defective bundle")
         self.transport_attacks()
+        self.announcement_attacks()
         self.worker_attacks()
 
     def transport_attacks(self) -> None:
@@ -207,6 +219,21 @@ class Rogue:
                      "a 5000-digit integer in the header")
         self.via_s3(reframe(accepted, key, round=10**30, seq=self.next_seq()), "an upload for round 10**30")
 
+    def announcement_attacks(self) -> None:
+        """Announcements the server must refuse before any S3 request (no MAC; the MAC of another
+        announcement, made with this worker's key; a MAC that is not hex), then one signed announcement
+        whose hash lies (downloaded once, rejected); each sent ``REPEATS`` times: none is fetched again."""
+        data = self.accepted
+        other = {"key": f"{self.own}_{uuid.uuid4().hex}", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for what, mac, sha in (("an announcement without MAC", None, None),
+                               ("an announcement with another announcement's MAC",
+                                announcement_mac(self.key, self.run_id, self.rank, 0, other), None),
+                               ("an announcement with a non-hex MAC", "\u00e9" * 64, None),
+                               ("a signed announcement with a hash lie", "sign", "0" * 64)):
+            key = self.put(data)
+            for i in range(REPEATS):
+                self.announce(self.own, key, data, what if i == 0 else f"{what}, again", sha=sha, mac=mac)
+
     def worker_attacks(self) -> None:
         """Honest worker 1 hears only the server's topic to it: a pickle and a forged FINISH there."""
         topic = f"fedml_{self.run_id}_0_1"
@@ -220,6 +247,15 @@ class Rogue:
         self.via_s3(reframe(self.accepted, self.key, seq=self.next_seq()), "round 1's upload re-stamped (older round)")
         self.flood_until = time.time() + 60.0
         say("no upload from now on (ONLINE every 4 s for 60 s)")
+
+
+def announcement_mac(key: bytes, run_id: str, sender: int, receiver: int, ann: dict[str, Any]) -> str:
+    """The MAC of an S3 announcement as the module doc of ``fedml_prism.runtimes.mqtt_transport`` specifies
+    it, written out here so that the test pins the format: HMAC-SHA256 with the link key over the compact
+    JSON array [label, run, sender, receiver, key, size, sha256]."""
+    signed = json.dumps(["fedml_prism MQTT_S3 announcement v1", run_id, sender, receiver, ann["key"], ann["size"],
+                         ann["sha256"]], separators=(",", ":")).encode()
+    return hmac.new(key, signed, hashlib.sha256).hexdigest()
 
 
 def _st_header(header: dict) -> bytes:

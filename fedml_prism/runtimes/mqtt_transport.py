@@ -12,13 +12,28 @@ and message protocol and changes what travels and what is believed:
 - every message is a :mod:`fedml_prism.runtimes.wire` frame. A frame without tensors of at most
   ``INLINE_MAX_BYTES`` is the MQTT payload itself; any other frame is put in S3 as one object
   (``put_object`` without an ACL: private to the bucket's owner) under ``fedml_<run>_<sender>_<32 hex>``
-  (a fresh uuid4), announced on the topic by ``{"key": ..., "size": ..., "sha256": ...}``;
-- a receiver takes an announcement only for a key of exactly that form with the topic's sender (no
-  path, no other party's objects), checks the object's size (``head_object``) against
-  ``max_message_mb`` before reading it, reads it into memory with that cap (no file is written),
-  checks the announced size and SHA-256, then decodes the frame (size, run, receiver, sender == topic
-  sender, HMAC, digest, replay). Every rejection is logged (``rejected an MQTT_S3 message on <topic>:
-  <reason>``) and dropped: nothing raises out of the MQTT client's callback;
+  (a fresh uuid4), announced on the topic by ``{"key": ..., "size": ..., "sha256": ..., "mac": ...}``.
+  ``mac`` (only with authentication on) is HMAC-SHA256 with the link key frames use, over the compact
+  JSON array ``[ANNOUNCEMENT_LABEL, run, sender, receiver, key, size, sha256]``
+  (:func:`announcement_mac`; the label and the array form keep it apart from a frame's MAC, which is
+  over a JSON object);
+- receiving runs in two threads: paho's network thread (``loop_start``) and the thread that called
+  ``handle_receive_message`` (FedML's ``run()``: the receiving thread). The network thread (paho's callback)
+  checks only what needs no S3: the topic (it names the sender), the retain flag (retained messages are
+  dropped), the payload's form, and for an announcement its fields, a key of exactly the sender's form (no
+  path, no other party's objects), a size within ``max_message_mb``, the sha256's form, then, with
+  authentication on, the MAC, compared in constant time: an announcement without one or with a bad one is
+  dropped before any S3 request. Last, the key must not have been announced before by that sender (accepted
+  or rejected; the last ``SEEN_KEYS_MAX`` keys per sender are remembered): a re-published announcement never
+  causes a second download. What passes waits in a queue of at most ``INBOX_MAX`` messages (more are
+  dropped, logged). One receiving thread takes them in arrival order: for an announcement it checks the
+  object's size (``head_object``) against ``max_message_mb`` before reading it, reads it into memory with
+  that cap (no file is written) and checks the announced size and SHA-256; then it decodes the frame (size,
+  run, receiver, sender == topic sender, HMAC, digest, replay) and hands the message to FedML's managers,
+  whose handlers run in that thread, never in the network thread (what they publish, like any other thread's
+  publishes, is written by the network thread). Every rejection is logged on one line (``rejected an MQTT_S3
+  message on <topic>: <reason>``, control characters escaped) and dropped: nothing raises out of either
+  thread's loop;
 - an object whose frame was accepted is deleted at once (FedML never deletes: its bucket keeps every
   model ever sent). A rejected object is left alone: whoever announced it need not be who wrote it, and
   deleting on its word would let any publisher on the topic destroy honest messages;
@@ -28,21 +43,30 @@ and message protocol and changes what travels and what is believed:
   with an error naming the cause within ``MQTT_CONNECT_TIMEOUT_S`` (FedML's client retries forever).
 
 What this cannot do: anyone who may publish on a party's topic or write to the bucket can delay or drop
-that party's messages (and a broker passes MQTT payloads of any size before a client sees them). With
-authentication on they cannot forge or alter one. Restrict topics with broker ACLs, the bucket with its
-policy, and MQTT payload sizes with the broker's ``max_packet_size``.
+that party's messages (a flood fills the receiving queue; and a broker passes MQTT payloads of any size
+before a client sees them). With authentication on they cannot forge or alter one, nor make a party read
+S3; a key holder can make its peer download only objects under its own key prefix, each at most once
+per process (the keys seen are not kept across a restart: a recorded announcement replayed into a
+restarted party costs one ``head_object``, as accepted objects are deleted, or one download of an object
+that was rejected, whose frame the codec then checks as any other: a restarted server refuses a worker
+frame of its previous session). Without authentication, anyone who may publish on
+the topic can make the party download objects of the sender's key form, each once. Restrict topics with
+broker ACLs, the bucket with its policy, and MQTT payload sizes with the broker's ``max_packet_size``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
+import queue
 import re
 import ssl
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +94,10 @@ RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 MQTT_SECTION = "customized_training_mqtt_config"
 S3_SECTION = "customized_training_s3_config"
+ANNOUNCEMENT_LABEL = "fedml_prism MQTT_S3 announcement v1"  # domain separation from frame MACs
+ANNOUNCEMENT_FIELDS = frozenset({"key", "size", "sha256"})
+INBOX_MAX = 256  # messages waiting for the receiving thread; more are dropped (logged)
+SEEN_KEYS_MAX = 1024  # S3 keys remembered per sender (never fetched again)
 
 
 class BrokerError(ValueError):
@@ -78,6 +106,12 @@ class BrokerError(ValueError):
 
 class Rejected(Exception):
     """A message this party drops; the message says why."""
+
+
+def _reject(topic: str, err: Exception) -> None:
+    """Log a dropped message: ``rejected an MQTT_S3 message on <topic>: <reason>`` on one line."""
+    reason = str(err) if isinstance(err, Rejected | WireError) else f"{type(err).__name__}: {err}"
+    log.warning("rejected an MQTT_S3 message on %s: %s", topic, _one_line(reason))
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -242,6 +276,31 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
+def announcement_mac(link_key: bytes, run_id: str, sender: int, receiver: int, key: str, size: int, digest: str) -> str:
+    """The MAC of an S3 announcement: HMAC-SHA256 with the link key over the compact JSON array
+    ``[ANNOUNCEMENT_LABEL, run, sender, receiver, key, size, sha256]`` (a frame's MAC is over a JSON
+    object: the two can never be taken for each other)."""
+    signed = json.dumps([ANNOUNCEMENT_LABEL, run_id, sender, receiver, key, size, digest], separators=(",", ":"))
+    return hmac.new(link_key, signed.encode(), hashlib.sha256).hexdigest()
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped: a peer's string cannot start a log line of its own."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    """A message the network thread accepted for the receiving thread: an inline frame or an S3 object."""
+
+    topic: str
+    sender: int
+    frame: bytes = b""
+    key: str = ""
+    size: int = 0
+    digest: str = ""
+
+
 # ------------------------------------------------------------------------------ the communication manager
 class PrismMqttS3CommManager(BaseCommunicationManager):
     """FedML's MQTT_S3 communication manager for party ``rank`` of a job with ``size`` workers, carrying
@@ -268,6 +327,8 @@ class PrismMqttS3CommManager(BaseCommunicationManager):
         else:
             self._inbox = {f"{self._topic}{SERVER_ID}_{self.rank}": SERVER_ID}
         self._keys = {s: re.compile(re.escape(f"{self._topic}{s}_") + "[0-9a-f]{32}") for s in self._inbox.values()}
+        self._seen: dict[int, OrderedDict[str, None]] = {s: OrderedDict() for s in self._inbox.values()}
+        self._pending: queue.Queue[_Inbound | None] = queue.Queue(maxsize=INBOX_MAX)
         self._observers: list[Observer] = []
         self._client_id = f"FedML_CS_{run}_{self.rank}_{uuid.uuid4().hex}"
         self._s3 = self.s3_settings.client()
@@ -313,16 +374,30 @@ class PrismMqttS3CommManager(BaseCommunicationManager):
 
     def handle_receive_message(self) -> None:
         """Tell the managers the connection is ready (once: FedML's managers answer it by announcing
-        themselves), then run the MQTT loop until :meth:`stop_receive_message`."""
+        themselves), start paho's network thread, and be the receiving thread (:meth:`_receive_loop`) until
+        :meth:`stop_receive_message`; then stop the network thread."""
         if not self._ready_sent:
             self._ready_sent = True
             ready = Message(CommunicationConstants.MSG_TYPE_CONNECTION_IS_READY, self.rank, self.rank)
             self._deliver(ready, "connection")
-        self._client.loop_forever(retry_first_connection=True)
+        # paho's own thread: a publish from any other thread (handlers, deadlines) is queued for it; with
+        # loop_forever in this thread, paho would write the socket from the publishing thread (a race that
+        # corrupts TLS records)
+        self._client.loop_start()
+        try:
+            self._receive_loop()
+        finally:
+            self._stopping = True
+            self._client.disconnect()
+            self._client.loop_stop()
 
     def stop_receive_message(self) -> None:
         self._stopping = True
         self._client.disconnect()
+        try:
+            self._pending.put_nowait(None)  # wakes the receiving thread
+        except queue.Full:
+            pass  # it sees _stopping after its current message
 
     def send_message(self, msg: Message) -> bool:
         """Send a FedML message as a frame: inline when small and without tensors, else through S3.
@@ -372,7 +447,12 @@ class PrismMqttS3CommManager(BaseCommunicationManager):
             return frame
         key = f"{self._topic}{self.rank}_{uuid.uuid4().hex}"
         self._s3.put_object(Bucket=self.s3_settings.bucket, Key=key, Body=frame)  # no ACL: never public
-        return json.dumps({"key": key, "size": len(frame), "sha256": hashlib.sha256(frame).hexdigest()}).encode()
+        ann: dict[str, Any] = {"key": key, "size": len(frame), "sha256": hashlib.sha256(frame).hexdigest()}
+        receiver = int(msg.get_receiver_id())
+        link = self.codec.keys.link_key(receiver)
+        if link is not None:
+            ann["mac"] = announcement_mac(link, self.run_id, self.rank, receiver, key, ann["size"], ann["sha256"])
+        return json.dumps(ann).encode()
 
     # ------------------------------------------------------------------ receiving
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: int) -> None:
@@ -394,16 +474,35 @@ class PrismMqttS3CommManager(BaseCommunicationManager):
                         mqtt.error_string(rc))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, mqtt_msg: Any) -> None:
+        """The network thread: check what needs no S3 (topic, form, announcement MAC, keys seen before)
+        and queue the rest for the receiving thread; nothing here blocks on S3 or on a handler."""
         topic = str(mqtt_msg.topic)
         try:
-            message = self._receive(topic, mqtt_msg)
-        except (Rejected, WireError) as err:
-            log.warning("rejected an MQTT_S3 message on %s: %s", topic, err)
+            inbound = self._parse(topic, mqtt_msg)
+        except Exception as err:  # noqa: BLE001 - nothing one message holds may end the MQTT loop
+            _reject(topic, err)
             return
-        except Exception as err:  # noqa: BLE001 - S3 / parsing trouble of one message must not end the loop
-            log.warning("rejected an MQTT_S3 message on %s: %s: %s", topic, type(err).__name__, err)
-            return
-        self._deliver(message, topic)
+        try:
+            self._pending.put_nowait(inbound)
+        except queue.Full:
+            _reject(topic, Rejected(f"{INBOX_MAX} messages wait for the receiving thread already: dropped"))
+
+    def _receive_loop(self) -> None:
+        """The receiving thread: read S3 objects, decode and check frames, hand messages to the managers,
+        one at a time in the order they came; until ``None`` is queued or the party stops."""
+        while not self._stopping:
+            try:
+                inbound = self._pending.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if inbound is None or self._stopping:
+                return
+            try:
+                message = self._take(inbound)
+            except Exception as err:  # noqa: BLE001 - S3 / decoding trouble of one message must not end the loop
+                _reject(inbound.topic, err)
+                continue
+            self._deliver(message, inbound.topic)
 
     def _deliver(self, message: Message, topic: str) -> None:
         msg_type = message.get_type()
@@ -414,6 +513,13 @@ class PrismMqttS3CommManager(BaseCommunicationManager):
                 log.exception("party %d: the handler of a message of type %r on %s failed", self.rank, msg_type, topic)
 
     def _receive(self, topic: str, mqtt_msg: Any) -> Message:
+        """Both threads' checks of one MQTT message in this thread: the FedML message, or ``Rejected`` /
+        ``WireError`` (S3 errors become ``Rejected``)."""
+        return self._take(self._parse(topic, mqtt_msg))
+
+    def _parse(self, topic: str, mqtt_msg: Any) -> _Inbound:
+        """What the network thread checks: topic, retain flag, form, and for an S3 announcement its
+        fields, MAC (with authentication on) and that its key was not announced before."""
         sender = self._inbox.get(topic)
         if sender is None:
             raise Rejected("not a topic this party listens on")
@@ -424,25 +530,32 @@ class PrismMqttS3CommManager(BaseCommunicationManager):
             if len(payload) > INLINE_MAX_BYTES:
                 raise Rejected(f"an inline frame of {len(payload)} bytes (allowed up to {INLINE_MAX_BYTES}; larger "
                                "frames come through S3)")
-            return self.codec.decode(payload, transport_sender=sender)
+            return _Inbound(topic, sender, frame=payload)
         if payload[:1] == b"{":
-            key, size, digest = self._announcement(payload, sender)
-            frame = self._fetch(key, size, digest)
-            message = self.codec.decode(frame, transport_sender=sender)
-            self._delete(key)
-            return message
+            return self._announcement(topic, payload, sender)
         raise Rejected(f"neither a PriSM frame nor an S3 announcement ({len(payload)} bytes starting {payload[:8]!r}: "
                        "a pickle or another protocol)")
 
-    def _announcement(self, payload: bytes, sender: int) -> tuple[str, int, str]:
+    def _take(self, inbound: _Inbound) -> Message:
+        """What the receiving thread does: read the announced object (checked against its announcement),
+        decode and check the frame, delete the object of an accepted frame."""
+        if not inbound.key:
+            return self.codec.decode(inbound.frame, transport_sender=inbound.sender)
+        frame = self._fetch(inbound.key, inbound.size, inbound.digest)
+        message = self.codec.decode(frame, transport_sender=inbound.sender)
+        self._delete(inbound.key)
+        return message
+
+    def _announcement(self, topic: str, payload: bytes, sender: int) -> _Inbound:
         if len(payload) > ANNOUNCEMENT_MAX_BYTES:
             raise Rejected(f"an S3 announcement of {len(payload)} bytes (allowed up to {ANNOUNCEMENT_MAX_BYTES})")
         try:
             ann = json.loads(payload, parse_constant=_no_constant)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise Rejected(f"an S3 announcement that is not JSON: {err}") from None
-        if not isinstance(ann, dict) or set(ann) != {"key", "size", "sha256"}:
-            raise Rejected("an S3 announcement must be a JSON object with exactly key, size and sha256")
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise Rejected(f"an S3 announcement that is not JSON: {type(err).__name__}: {err}") from None
+        if not isinstance(ann, dict) or not ANNOUNCEMENT_FIELDS <= set(ann) <= ANNOUNCEMENT_FIELDS | {"mac"}:
+            raise Rejected("an S3 announcement must be a JSON object with exactly key, size, sha256 and (with "
+                           "authentication) mac")
         key, size, digest = ann["key"], ann["size"], ann["sha256"]
         if not isinstance(key, str) or not self._keys[sender].fullmatch(key):
             raise Rejected(f"S3 key {key!r:.100} is not one sender {sender} may use (allowed "
@@ -452,7 +565,21 @@ class PrismMqttS3CommManager(BaseCommunicationManager):
                            "(max_message_mb)")
         if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
             raise Rejected(f"announced sha256 {digest!r:.80} is invalid: allowed 64 lowercase hex digits")
-        return key, size, digest
+        if self.codec.keys.enabled:
+            mac, link = ann.get("mac"), self.codec.keys.link_key(sender)
+            if mac is None:
+                raise Rejected(f"S3 announcement from sender {sender} has no MAC (key {key!r})")
+            ok = isinstance(mac, str) and SHA256_HEX.fullmatch(mac) is not None and link is not None and \
+                hmac.compare_digest(announcement_mac(link, self.run_id, sender, self.rank, key, size, digest), mac)
+            if not ok:
+                raise Rejected(f"S3 announcement from sender {sender} has a bad MAC (key {key!r})")
+        seen = self._seen[sender]
+        if key in seen:
+            raise Rejected(f"S3 key {key!r} was announced before (each object is fetched once at most)")
+        seen[key] = None
+        if len(seen) > SEEN_KEYS_MAX:
+            seen.popitem(last=False)
+        return _Inbound(topic, sender, key=key, size=size, digest=digest)
 
     def _fetch(self, key: str, size: int, digest: str) -> bytes:
         """The object ``key``, read into memory: its size checked before and while reading, then its hash."""
