@@ -170,15 +170,29 @@ def start_grpc_parties(cfg: Path, out: Path, tmp: Path, workers: int, *extra: st
                        tag: str = "") -> tuple[subprocess.Popen, list[subprocess.Popen]]:
     """:func:`start_grpc` with ``extra`` arguments for every party (e.g. ``--resume``) and logs
     ``server{tag}.log`` / ``client{rank}{tag}.log``, so a restarted job keeps the first job's logs."""
-    cli = [str(BIN / "fedml-prism"), "run", "--cf", str(cfg), "--output-dir", str(out), "--run_id", "t", *extra]
+    server = start_grpc_server(cfg, out, tmp, *extra, tag=tag)
+    time.sleep(1.0)
+    return server, start_grpc_workers(cfg, out, tmp, workers, *extra, tag=tag)
+
+
+def _party_cli(cfg: Path, out: Path, extra: tuple[str, ...]) -> list[str]:
+    return [str(BIN / "fedml-prism"), "run", "--cf", str(cfg), "--output-dir", str(out), "--run_id", "t", *extra]
+
+
+def start_grpc_server(cfg: Path, out: Path, tmp: Path, *extra: str, tag: str = "") -> subprocess.Popen:
+    """The server (rank 0) of a gRPC job, once it has logged its start (log ``server{tag}.log``)."""
     server_log = tmp / f"server{tag}.log"
-    server = start([*cli, "--rank", "0", "--role", "server"], tmp, server_log.name)
+    server = start([*_party_cli(cfg, out, extra), "--rank", "0", "--role", "server"], tmp, server_log.name)
     wait_for(lambda: "cross-silo GRPC server" in server_log.read_text() or server.poll() is not None,
              timeout=90, what="the gRPC server to start")
-    time.sleep(1.0)
-    clients = [start([*cli, "--rank", str(r), "--role", "client"], tmp, f"client{r}{tag}.log")
-               for r in range(1, workers + 1)]
-    return server, clients
+    return server
+
+
+def start_grpc_workers(cfg: Path, out: Path, tmp: Path, workers: int, *extra: str,
+                       tag: str = "") -> list[subprocess.Popen]:
+    """Workers 1..``workers`` of a gRPC job (logs ``client{rank}{tag}.log``); start the server first."""
+    cli = _party_cli(cfg, out, extra)
+    return [start([*cli, "--rank", str(r), "--role", "client"], tmp, f"client{r}{tag}.log") for r in range(1, workers + 1)]
 
 
 def assert_same_as_sp(tmp: Path, out_dir: Path, **sections: dict[str, Any]) -> None:

@@ -17,6 +17,13 @@ protocol stays FedML's) and its message loop, and changes what is trusted:
   127.0.0.1 and localhost, plus any extra names, in every certificate); with ``tls_mutual: true``
   every listener demands a client certificate of that CA and checks that its common name is
   ``party<client_id>``, so a party's identity is bound to its certificate as well as to its key;
+- the listener is gRPC's asyncio server in a thread of its own: a call waiting for its request
+  message holds no thread, and a call whose message has not arrived within :func:`receive_timeout_s`
+  is cut (``DEADLINE_EXCEEDED``), so calls that never send their message cannot starve honest ones;
+  one peer (one certificate under mutual TLS, else one connection) has at most ``CALLS_PER_PEER``
+  calls open; connections without calls are closed after ``CONNECTION_IDLE_MS``, every connection
+  after ``CONNECTION_AGE_MS`` (calls under way get the longest send time to finish), and a peer that
+  stops answering keepalive pings is dropped; frames are decoded in a small pool off the event loop;
 - gRPC's own size caps sit a little above ``max_message_mb``, so an oversized frame still reaches the
   codec and is rejected with a logged reason; ``SO_REUSEPORT`` is off, so no other process can bind a
   party's port next to it and take part of its traffic.
@@ -24,6 +31,7 @@ protocol stays FedML's) and its message loop, and changes what is trusted:
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import logging
 import os
@@ -58,6 +66,32 @@ GRPC_MAX_LENGTH = 2**31 - 1
 #: a send waits this long plus 1 s per MiB before it fails (a peer that is stopped but still accepts)
 SEND_TIMEOUT_S = 30.0
 SEND_S_PER_MIB = 1.0
+#: a call must deliver its request message this long plus SEND_S_PER_MIB per MiB of the size cap after it opens
+RECEIVE_TIMEOUT_S = 10.0
+#: calls one peer may have open on a listener at once: its certificate under mutual TLS, else its connection
+CALLS_PER_PEER = 4
+#: a connection without calls is closed after this; every connection after CONNECTION_AGE_MS (calls under way
+#: then get the longest send time to finish)
+CONNECTION_IDLE_MS = 30_000
+CONNECTION_AGE_MS = 120_000
+#: the listener pings a connection with calls but no traffic for this long, and drops it when the answer does not
+#: come within KEEPALIVE_TIMEOUT_MS (grpc.http2.ping_timeout_ms: without it grpcio never drops a silent peer)
+KEEPALIVE_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+#: a connection must finish its (TLS) handshake within this
+HANDSHAKE_TIMEOUT_MS = 10_000
+#: FedML's service, whose generated (de)serializers the listener uses: the wire protocol stays FedML's
+SERVICE = "gRPCCommManager"
+
+
+def send_timeout_s(frame_bytes: int) -> float:
+    """How long a send of ``frame_bytes`` waits for its answer."""
+    return SEND_TIMEOUT_S + SEND_S_PER_MIB * frame_bytes / (1 << 20)
+
+
+def receive_timeout_s(max_bytes: int) -> float:
+    """How long a listener waits for a call's request message (``max_bytes``: the size cap) before it cuts the call."""
+    return RECEIVE_TIMEOUT_S + SEND_S_PER_MIB * max_bytes / (1 << 20)
 
 
 class GrpcAddress(NamedTuple):
@@ -144,18 +178,93 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
-class _Servicer(grpc_comm_manager_pb2_grpc.gRPCCommManagerServicer):
-    """FedML's service with our handler: every request is answered with an empty response."""
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
 
-    def __init__(self, receive: Callable[[Any, Any], None]) -> None:
-        self._receive = receive
 
-    def sendMessage(self, request: Any, context: Any) -> Any:  # noqa: N802 - FedML's generated method name
-        self._receive(request, context)
+def _listener_loop() -> asyncio.AbstractEventLoop:
+    """The event loop every listener of this process runs on, in a daemon thread of its own."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, daemon=True, name="prism-grpc-listener").start()
+        return _LOOP
+
+
+class _Listener:
+    """FedML's gRPC service on gRPC's asyncio server: ``receive(request, peer, certificate_names)`` gets
+    each request whose message arrived within ``timeout_s``, in a small thread pool; every call is answered
+    with FedML's empty response. ``mutual``: a peer is its certificate, otherwise its connection."""
+
+    def __init__(self, bind: str, credentials: Any, options: list[tuple[str, Any]],
+                 receive: Callable[[Any, str, list[bytes]], None], timeout_s: float, mutual: bool) -> None:
+        self._receive, self._timeout_s, self._mutual = receive, timeout_s, mutual
+        self._open: dict[str, int] = {}  # calls open per peer, and the peers refused since; touched on the loop only
+        self._refused: set[str] = set()
+        self._stopping = False
+        self._pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="prism-grpc")
+        self._loop = _listener_loop()
+        self._server = self._on_loop(self._start(bind, credentials, options))
+
+    def _on_loop(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=60)
+
+    async def _start(self, bind: str, credentials: Any, options: list[tuple[str, Any]]) -> Any:
+        request, response = grpc_comm_manager_pb2.CommRequest, grpc_comm_manager_pb2.CommResponse
+        handlers = {
+            # stream-unary on this side (one message on the wire, as FedML's unary call sends): the handler
+            # starts when the call opens, so it can time the message's arrival
+            "sendMessage": grpc.stream_unary_rpc_method_handler(
+                self._send_message, request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString),
+            "handleReceiveMessage": grpc.unary_unary_rpc_method_handler(  # unused by FedML's protocol
+                self._unused, request_deserializer=request.FromString, response_serializer=response.SerializeToString),
+        }
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        if credentials is not None:
+            server.add_secure_port(bind, credentials)
+        else:
+            server.add_insecure_port(bind)
+        await server.start()
+        return server
+
+    async def _unused(self, request: Any, context: Any) -> Any:
         return grpc_comm_manager_pb2.CommResponse()
 
-    def handleReceiveMessage(self, request: Any, context: Any) -> Any:  # noqa: N802 - unused by FedML's protocol
-        return grpc_comm_manager_pb2.CommResponse()
+    async def _send_message(self, requests: Any, context: Any) -> Any:
+        names = (context.auth_context().get("x509_common_name") or [b""]) if self._mutual else [b""]
+        peer = f"certificate {names[0]!r}" if self._mutual else context.peer()
+        if self._open.get(peer, 0) >= CALLS_PER_PEER:
+            if peer not in self._refused:  # once while it stays over the bound: refusals cannot flood the log
+                self._refused.add(peer)
+                log.warning("refused gRPC calls from %r: it already has %d calls open", peer, CALLS_PER_PEER)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {CALLS_PER_PEER} calls at once")
+        self._open[peer] = self._open.get(peer, 0) + 1
+        try:
+            try:
+                request = await asyncio.wait_for(requests.__anext__(), self._timeout_s)
+            except (TimeoutError, StopAsyncIteration) as err:
+                what = f"no request message within {self._timeout_s:.0f} s" if isinstance(err, TimeoutError) \
+                    else "the call ended without a request message"
+                if not self._stopping:
+                    log.warning("cut a gRPC call from %r: %s", context.peer(), what)
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, what)
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._receive, request, context.peer(), names)
+            return grpc_comm_manager_pb2.CommResponse()
+        finally:
+            self._open[peer] -= 1
+            if not self._open[peer]:
+                del self._open[peer]
+                self._refused.discard(peer)
+
+    def stop(self) -> None:
+        """Stop listening (calls under way are cancelled); idempotent."""
+        if not self._stopping:
+            self._stopping = True
+            self._on_loop(self._server.stop(None))
+            self._pool.shutdown(wait=False)
 
 
 class PrismGrpcCommManager(BaseCommunicationManager):
@@ -186,29 +295,35 @@ class PrismGrpcCommManager(BaseCommunicationManager):
             server_credentials = grpc.ssl_server_credentials(
                 [(key, cert)], root_certificates=ca if security.tls_mutual else None,
                 require_client_auth=security.tls_mutual)
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.size + 2, thread_name_prefix="prism-grpc"),
-                                   options=[*self._options, ("grpc.so_reuseport", 0)])
-        grpc_comm_manager_pb2_grpc.add_gRPCCommManagerServicer_to_server(_Servicer(self._receive), self._server)
+        longest_call_ms = int(1000 * send_timeout_s(limit))
+        listener_options = [
+            *self._options, ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", CALLS_PER_PEER),
+            ("grpc.max_connection_idle_ms", CONNECTION_IDLE_MS),
+            ("grpc.max_connection_age_ms", CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", longest_call_ms),
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        ]
         try:
-            if server_credentials is not None:
-                self._server.add_secure_port(own.bind, server_credentials)
-            else:
-                self._server.add_insecure_port(own.bind)
+            self._listener = _Listener(own.bind, server_credentials, listener_options, self._receive,
+                                       receive_timeout_s(security.max_bytes), mutual=security.tls and security.tls_mutual)
         except RuntimeError as err:
             raise RuntimeError(f"party {self.rank} cannot listen on {own.bind} (its row of grpc_ipconfig_path): {err}; "
                                "is another process using that port?") from None
-        self._server.start()
         self.is_running = True
         mode = ("mutual TLS" if security.tls_mutual else "TLS") if security.tls else "no TLS (security_args.tls_*)"
         log.info("party %d: gRPC listening on %s, %s", self.rank, own.bind, mode)
 
     # ------------------------------------------------------------------ receiving
-    def _receive(self, request: Any, context: Any) -> None:
-        """Check one request in the gRPC thread; a good frame goes to the loop, any other is logged and dropped."""
-        peer = f"{context.peer()} (client_id {request.client_id})"
+    def _receive(self, request: Any, peer: str, names: list[bytes]) -> None:
+        """Check one request (``names``: the common names of the peer's certificate under mutual TLS) in the
+        listener's pool; a good frame goes to the loop, any other is logged and dropped."""
+        peer = f"{peer!r} (client_id {request.client_id})"
         try:
             if self.security.tls and self.security.tls_mutual:
-                names = context.auth_context().get("x509_common_name") or [b""]
                 name = names[0].decode("utf-8", "replace")
                 if name != f"party{request.client_id}":
                     raise WireError(f"its certificate is for {name!r}, not party{request.client_id} (identity bound to "
@@ -250,7 +365,7 @@ class PrismGrpcCommManager(BaseCommunicationManager):
 
     def stop_receive_message(self) -> None:
         self.is_running = False
-        self._server.stop(None)
+        self._listener.stop()
 
     # ------------------------------------------------------------------ sending
     def send_message(self, msg: Message) -> None:
@@ -273,7 +388,7 @@ class PrismGrpcCommManager(BaseCommunicationManager):
                 channel = grpc.insecure_channel(address.target, options=self._options)
             try:  # a fresh channel per message, as FedML does: no reconnect backoff left from a peer not yet up
                 stub = grpc_comm_manager_pb2_grpc.gRPCCommManagerStub(channel)
-                stub.sendMessage(request, timeout=SEND_TIMEOUT_S + SEND_S_PER_MIB * len(frame) / (1 << 20))
+                stub.sendMessage(request, timeout=send_timeout_s(len(frame)))
             finally:
                 channel.close()
 
