@@ -3,16 +3,21 @@ so the server must be safe anyway. A rogue process holding two of the job's edge
 keys, another device's key, a spoofed sender, an oversized object, garbage / truncated / pickled / NaN
 graphs, bad sample counts and replays, next to two honest reference devices; the server refuses each with
 a logged reason, finishes every round with the honest devices, and nothing is unpickled, written or deleted
-outside its cache. Unit tests cover the graph-parsing child process (time and memory limits), the cache
-deletion guard and the field checks. Every process has a timeout and is stopped by PID."""
+outside its cache. Retained messages kept by the broker from before the server started (FINISHED,
+ONLINE, a last will) are ignored with a log line, and the broker keeps nothing the server published.
+Unit tests cover the graph-parsing child process (time and memory limits), the cache deletion guard and
+the field checks. Every process has a timeout and is stopped by PID."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -166,6 +171,49 @@ REASONS = {
 }
 
 
+# messages kept by the broker from before the server started (a device's, or a forger's): FINISHED of an
+# honest device, ONLINE of the rogue's, a last will of an honest device
+STALE = {"fedml_77_12": {"client_status": "FINISHED", "client_os": "Android", "msg_type": 5, "sender": 12, "receiver": 0},
+         "fedml_77_13": {"client_status": "ONLINE", "client_os": "Android", "msg_type": 5, "sender": 13, "receiver": 0},
+         "flclient_agent/last_will_msg": {"ID": "11", "status": "OFFLINE"}}
+
+
+def _mqtt_client(port: int) -> Any:
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(client_id=f"test_{os.getpid()}_{time.monotonic_ns()}", clean_session=True)
+    client.connect("127.0.0.1", port, 30)
+    client.loop_start()
+    return client
+
+
+def _publish_retained(port: int, messages: dict[str, dict]) -> None:
+    client = _mqtt_client(port)
+    try:
+        for topic, body in messages.items():
+            info = client.publish(topic, json.dumps(body), qos=2, retain=True)
+            info.wait_for_publish(timeout=10)
+            assert info.is_published(), topic
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def _retained_topics(port: int) -> list[str]:
+    """Every topic on which the broker keeps a retained message (a fresh subscriber to ``#`` gets those
+    at once)."""
+    client = _mqtt_client(port)
+    found: list[str] = []
+    client.on_message = lambda c, u, msg: found.append(msg.topic) if msg.retain else None
+    try:
+        client.subscribe("#", qos=2)
+        time.sleep(1.5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return found
+
+
 def test_rogue_devices_do_not_stop_or_subvert_the_server(tmp_path) -> None:
     mqtt_port, s3_port = free_ports(2)
     cfg = _config(tmp_path, mqtt_port, s3_port)
@@ -173,6 +221,7 @@ def test_rogue_devices_do_not_stop_or_subvert_the_server(tmp_path) -> None:
     victim.write_text("precious")
     procs, s3 = start_broker_and_s3(tmp_path, mqtt_port, s3_port)
     try:
+        _publish_retained(mqtt_port, STALE)
         cmd = [str(BIN / "fedml-prism"), "run", "--cf", str(cfg)]
         server = start([*cmd, "--role", "server", "--run_id", "77"], tmp_path, "server.log")
         procs.append(server)
@@ -185,6 +234,8 @@ def test_rogue_devices_do_not_stop_or_subvert_the_server(tmp_path) -> None:
         for e, device in devices.items():
             assert device.wait(timeout=60) == 0, (tmp_path / f"device{e}.log").read_text()[-3000:]
         assert rogue.wait(timeout=60) == 0, (tmp_path / "rogue.log").read_text()[-3000:]
+        # what the server published is not kept by the broker (SDK devices drop retained messages anyway)
+        server_retained = [t for t in _retained_topics(mqtt_port) if t.startswith(("fedml_77_0_", "flserver_agent/"))]
         s3.put_object(Bucket="fedml-prism", Key="probe", Body=b"x", ACL="public-read")
         acls = {obj["Key"]: s3.get_object_acl(Bucket="fedml-prism", Key=obj["Key"])["Grants"]
                 for obj in s3.list_objects_v2(Bucket="fedml-prism")["Contents"]}
@@ -193,6 +244,11 @@ def test_rogue_devices_do_not_stop_or_subvert_the_server(tmp_path) -> None:
             stop(p)
     log = (tmp_path / "server.log").read_text()
     sent = (tmp_path / "rogue.log").read_text()
+    # the stale messages were seen and ignored, each with a log line; the run went on as below
+    for topic in STALE:
+        assert f"ignored a retained message on {topic!r}" in log, f"{topic}: no log line:\n{log[-4000:]}"
+    assert "device 11 disconnected" not in log
+    assert server_retained == [], f"the broker keeps what the server published on {sorted(set(server_retained))}"
     for attack, reason in REASONS.items():
         assert f"rogue: sent {attack}\n" in sent, f"the rogue did not send {attack}:\n{sent[-3000:]}"
         found = reason.search(log) if isinstance(reason, re.Pattern) else reason in log

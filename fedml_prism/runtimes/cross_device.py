@@ -29,6 +29,17 @@ The server is FedML 0.9.6's cross-device ``FedMLServerManager`` (``cross_device/
   ``public-read`` ACL); devices download them with the bucket's credentials, as the SDK does.
   What only the broker can close (ACLs: each device publishes on its own topics only): anyone who
   may publish on a device's topic speaks as that device, and on the shared last-will topic;
+- **no stale messages.** Devices publish with ``retain`` set (the SDK does), so the broker keeps each
+  device's last message (a FINISHED, an ONLINE, an upload, a last will) and hands it to the server when
+  it subscribes, e.g. after a restart. Every message the server takes is an event, none a state it
+  needs at start, so it ignores every retained message, on every topic (one log line each:
+  ``ignored a retained message on <topic>``); FedML's ``MqttManager.on_message`` drops them too, this
+  check does not depend on it. The server publishes without ``retain`` (FedML's ``MqttManager``
+  retains by default): SDK devices drop retained messages, and a retained INIT, SYNC or FINISH would be
+  stale for any device that subscribes later (after a device or server restart). A retained message
+  an older server left stays on the broker until overwritten (clear it with an empty retained
+  publish). Only the server's last will (``flserver/last_will_msg``, set by FedML when it connects;
+  nothing in this protocol reads it) is still retained;
 - **evaluation on the rebuilt dense model** in PyTorch (:class:`~fedml_prism.engine.server.PrismServer`),
   plus the global model written as an MNN graph to ``global_model_file_path`` every round.
 
@@ -161,10 +172,15 @@ def _comm_manager_class():
                              args=args)
             _fix_s3_upload(self.s3_storage)
             self.edges = {int(e) for e in self.client_real_ids}
+            self.mqtt_mgr.retain_msg = False  # what the server publishes from now on (see the module doc)
             client = self.mqtt_mgr._client
             on_message = client.on_message
 
             def guarded(mqtt_client: Any, userdata: Any, msg: Any) -> None:
+                if msg.retain:  # kept by the broker from before this server subscribed: stale, whatever it says
+                    log.info("ignored a retained message on %s (kept by the broker from an earlier connection)",
+                             _short(msg.topic))
+                    return
                 try:
                     on_message(mqtt_client, userdata, msg)
                 except Exception as err:  # noqa: BLE001 - nothing a peer sends may end the message loop
@@ -399,8 +415,8 @@ def _server_manager_class():
                 self.deadline.arm(self._start_deadline, self.start_timeout_s)
 
         def _announce(self) -> None:
-            """Repeat start_train and the status check until every device is online (messages are not
-            retained: a device that connects later would miss them)."""
+            """Repeat start_train and the status check until every device is online (the server's messages
+            are not retained: a device that connects later would miss them)."""
             while True:
                 with self.lock:
                     if self.is_initialized or self._done:
