@@ -3,12 +3,16 @@
 # Usage: bash run/make_certs.sh DIR K
 #   DIR/tls/ca.crt             the CA every party trusts (give it to every party)
 #   DIR/tls/ca.key             the CA's key: it signs party certificates; keep it off the parties' machines
-#   DIR/tls/party<r>.crt|.key  party r's certificate (CN=party<r>) and key, r = 0 (server) .. K
+#   DIR/tls/party<r>.crt|.key  party r's certificate (CN=party<r>, one name: DNS:party<r>) and key, r = 0 (server) .. K
 #   DIR/keys/party<r>.key      HMAC keys (fedml-prism keys): party0.key is the server's master key
-# Every certificate holds the names IP:127.0.0.1 and DNS:localhost; parties on other hosts need the CSV's
-# host names too (a channel checks the name it connects to): CERT_SANS="IP:10.0.0.5,DNS:silo.example" adds
-# names to every certificate, CERT_SANS_<r> to party r's only. Env: DAYS (validity, default 825), BIN
-# (folder holding fedml-prism, default .venv/bin of this checkout, else fedml-prism on PATH).
+# Identity, not address: a gRPC channel to party r accepts only a certificate of this CA naming party<r>
+# (grpc.ssl_target_name_override), so no host names or IPs go in the certificates, and a worker's
+# certificate is of no use on the server's address. Key usages: the CA signs certificates only (CA:TRUE,
+# pathlen:0, keyCertSign/cRLSign); a party certificate cannot sign certificates (CA:FALSE) and is for
+# TLS only (digitalSignature), for serving and for connecting (serverAuth, clientAuth): in FedML's gRPC
+# design every party, the server included, listens for messages and connects to send them.
+# Env: DAYS (validity, default 825), BIN (folder holding fedml-prism, default .venv/bin of this checkout,
+# else fedml-prism on PATH). CERT_SANS / CERT_SANS_<r> (host names, before) are no longer used.
 # Key files are mode 600. An existing DIR/tls/ca.key is never overwritten (FORCE=1 replaces everything).
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 DIR K   (K = worker_num: ranks 0..K get certificates and keys)" >&2; exit 2; }
@@ -37,17 +41,19 @@ newkey() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:prime256v1 -
 
 newkey "$TLS/ca.key"
 openssl req -x509 -new -key "$TLS/ca.key" -sha256 -days "$DAYS" -subj "/CN=fedml-prism CA" \
-  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+  -addext "basicConstraints=critical,CA:TRUE,pathlen:0" -addext "keyUsage=critical,keyCertSign,cRLSign" \
   -out "$TLS/ca.crt"
 chmod 644 "$TLS/ca.crt"
 
+if env | grep -q '^CERT_SANS'; then
+  echo "note: CERT_SANS* is ignored: a channel checks the party name (DNS:party<r>), not the host it connects to" >&2
+fi
 for r in $(seq 0 "$K"); do
-  extra_var="CERT_SANS_$r"
-  sans="IP:127.0.0.1,DNS:localhost${CERT_SANS:+,$CERT_SANS}${!extra_var:+,${!extra_var}}"
   newkey "$TLS/party$r.key"
   openssl req -new -key "$TLS/party$r.key" -subj "/CN=party$r" -out "$work/party$r.csr"
-  printf '%s\n' "subjectAltName=$sans" "basicConstraints=critical,CA:FALSE" \
-    "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth,clientAuth" > "$work/party$r.ext"
+  printf '%s\n' "subjectAltName=DNS:party$r" "basicConstraints=critical,CA:FALSE" \
+    "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth,clientAuth" \
+    "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid" > "$work/party$r.ext"
   openssl x509 -req -in "$work/party$r.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -sha256 -days "$DAYS" \
     -set_serial "0x$(openssl rand -hex 16)" -extfile "$work/party$r.ext" -out "$TLS/party$r.crt" 2>/dev/null
   chmod 644 "$TLS/party$r.crt"
@@ -57,7 +63,7 @@ done
 chmod 600 "$DIR"/keys/party*.key
 
 cat <<EOF
-Wrote a CA, certificates for party0..party$K (CN=party<r>) and their keys in $TLS,
+Wrote a CA, certificates for party0..party$K (CN=party<r>, DNS:party<r>) and their keys in $TLS,
 and message authentication keys in $DIR/keys. Put in the job's yaml (paths may be relative to it):
 
 security_args:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,70 @@ def run_grpc_job(cfg: Path, out: Path, tmp: Path, workers: int) -> None:
     finally:
         for p in [server, *clients]:
             stop(p)
+
+
+#: channels of one process share a connection unless each has a subchannel pool of its own
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+class IdleCalls:
+    """``count`` calls to ``target``'s FedML ``sendMessage`` whose request message never comes (a stream-unary
+    call whose request stream never yields), each on a connection of its own (``shared``: all on one); a
+    call the listener ends is recorded in ``ended`` (status code, seconds open) and, with ``reopen``,
+    opened again. ``credentials``/``options``: a TLS channel (e.g. another party's certificate)."""
+
+    METHOD = "/gRPCCommManager/sendMessage"
+
+    def __init__(self, target: str, count: int, reopen: bool = True, shared: bool = False, credentials: Any = None,
+                 options: list[tuple[str, Any]] | None = None) -> None:
+        import grpc
+
+        self._grpc, self.target, self.ended, self._reopen = grpc, target, [], reopen
+        self._credentials, self._options = credentials, [*OWN_CONNECTION, *(options or [])]
+        self._lock, self._stopping, self._channels = threading.Lock(), threading.Event(), []
+        self._shared = self._channel() if shared else None
+        for _ in range(count):
+            self._open()
+
+    def _channel(self) -> Any:
+        if self._credentials is None:
+            return self._grpc.insecure_channel(self.target, options=self._options)
+        return self._grpc.secure_channel(self.target, self._credentials, options=self._options)
+
+    def _open(self) -> None:
+        channel = self._shared or self._channel()
+        with self._lock:
+            self._channels.append(channel)
+        self._grpc.channel_ready_future(channel).result(timeout=10)  # connected: the call's headers leave at once
+        release = threading.Event()
+
+        def withheld():  # never yields: the listener waits for a message that never comes
+            release.wait()
+            return
+            yield b""  # noqa: B901 - makes this a generator
+
+        method = channel.stream_unary(self.METHOD, request_serializer=bytes, response_deserializer=bytes)
+        call = method.future(withheld())
+        opened = time.monotonic()
+
+        def ended(done: Any) -> None:
+            release.set()
+            with self._lock:
+                self.ended.append((done.code(), time.monotonic() - opened))
+            if self._reopen and not self._stopping.is_set():
+                threading.Thread(target=self._reopen_quietly, daemon=True).start()
+
+        call.add_done_callback(ended)
+
+    def _reopen_quietly(self) -> None:
+        try:
+            self._open()
+        except self._grpc.FutureTimeoutError:  # the listener is gone (its process ended): nothing to hold
+            pass
+
+    def close(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            channels = list(self._channels)
+        for channel in channels:
+            channel.close()

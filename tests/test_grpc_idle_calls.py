@@ -9,7 +9,6 @@ job; and the listener cuts every such call at its receive deadline instead of le
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import grpc
 import pytest
 from runtime_utils import (
     BIN,
+    OWN_CONNECTION,
+    IdleCalls,
     assert_prism_ran,
     free_ports,
     grpc_config,
@@ -41,51 +42,6 @@ pytestmark = pytest.mark.timeout(240)
 
 IDLE_CALLS = 50
 MAX_MB = 1
-METHOD = "/gRPCCommManager/sendMessage"  # FedML's service: a stream-unary call lets us withhold the message
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels of one process otherwise share a connection
-
-
-class IdleCalls:
-    """``count`` calls to ``target``'s ``sendMessage``, each on a connection of its own, whose request
-    message never comes; a call the listener ends is recorded (status, seconds open) and reopened."""
-
-    def __init__(self, target: str, count: int, reopen: bool = True, shared: bool = False) -> None:
-        self.target, self.ended, self._reopen = target, [], reopen
-        self._lock, self._stopping, self._channels = threading.Lock(), threading.Event(), []
-        self._shared = grpc.insecure_channel(target, options=OWN_CONNECTION) if shared else None
-        for _ in range(count):
-            self._open()
-
-    def _open(self) -> None:
-        channel = self._shared or grpc.insecure_channel(self.target, options=OWN_CONNECTION)
-        grpc.channel_ready_future(channel).result(timeout=10)  # connected: the call's headers leave at once
-        release = threading.Event()
-
-        def withheld():  # the request stream: never yields, so the listener waits for a message that never comes
-            release.wait()
-            return
-            yield b""  # noqa: B901 - makes this a generator
-
-        call = channel.stream_unary(METHOD, request_serializer=bytes, response_deserializer=bytes).future(withheld())
-        opened = time.monotonic()
-
-        def ended(done: grpc.Future) -> None:
-            release.set()
-            with self._lock:
-                self.ended.append((done.code(), time.monotonic() - opened))
-            if self._reopen and not self._stopping.is_set():
-                threading.Thread(target=self._open, daemon=True).start()
-
-        with self._lock:
-            self._channels.append(channel)
-        call.add_done_callback(ended)
-
-    def close(self) -> None:
-        self._stopping.set()
-        with self._lock:
-            channels = list(self._channels)
-        for channel in channels:
-            channel.close()
 
 
 def probe(target: str) -> float:

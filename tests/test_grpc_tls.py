@@ -1,24 +1,39 @@
 """gRPC with TLS and checked addresses (fedml_prism.runtimes.grpc_transport, run/make_certs.sh): certificates bind
-identities, a party without a certificate of the job's CA is refused before its message is read, the
-channel checks the server's name, and a CSV without a row per party stops the job before it starts."""
+identities, a party without a certificate of the job's CA is refused before its message is read, a
+channel accepts only the certificate of the party it is for (``party<r>``: another party's certificate on
+its address gets nothing), and a CSV without a row per party stops the job before it starts."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from runtime_utils import BIN, assert_prism_ran, env_for, free_ports, grpc_config, run_grpc_job, start, stop, wait_for
+from runtime_utils import (
+    BIN,
+    IdleCalls,
+    assert_prism_ran,
+    env_for,
+    free_ports,
+    grpc_config,
+    run_grpc_job,
+    start,
+    stop,
+    wait_for,
+)
 
+from fedml_prism.runtimes import grpc_transport
 from fedml_prism.runtimes._fedml_import import silence_fedml_import_warnings
-from fedml_prism.runtimes.grpc_transport import PrismGrpcCommManager, check_ipconfig
+from fedml_prism.runtimes.grpc_transport import CALLS_PER_PEER, PrismGrpcCommManager, check_ipconfig
 from fedml_prism.runtimes.security import KeyRing, SecuritySettings, worker_key
 from fedml_prism.runtimes.wire import FrameCodec
 
@@ -79,7 +94,7 @@ class Inbox:
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> tuple[Path, Path, str]:
     tmp = tmp_path_factory.mktemp("certs")
-    text = make_certs(tmp / "job", 2, tmp, CERT_SANS_1="DNS:silo1.example")
+    text = make_certs(tmp / "job", 2, tmp)
     make_certs(tmp / "other", 2, tmp)  # another CA with the same party names
     return tmp / "job", tmp / "other", text
 
@@ -93,10 +108,18 @@ def test_make_certs_writes_a_ca_certificates_and_keys(certs) -> None:
         verify = subprocess.run(["openssl", "verify", "-CAfile", str(job / "tls" / "ca.crt"), str(cert)],
                                 capture_output=True, text=True)
         assert verify.returncode == 0, verify.stdout + verify.stderr
-        info = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-subject", "-ext", "subjectAltName"],
+        info = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-subject", "-ext",
+                               "subjectAltName,basicConstraints,keyUsage,extendedKeyUsage"],
                               capture_output=True, text=True).stdout
-        assert f"CN=party{rank}" in info.replace(" = ", "=") and "IP Address:127.0.0.1" in info and "DNS:localhost" in info
-        assert ("DNS:silo1.example" in info) == (rank == 1)
+        lines = [line.strip() for line in info.replace(" = ", "=").splitlines()]
+        # one name, the party's (no host or IP: channels check the party), TLS use only, no signing of certificates
+        assert f"CN=party{rank}" in lines[0] and lines[lines.index("X509v3 Subject Alternative Name:") + 1] == \
+            f"DNS:party{rank}", info
+        assert "CA:FALSE" in lines and "Digital Signature" in lines, info
+        assert "TLS Web Server Authentication, TLS Web Client Authentication" in lines, info
+    ca = subprocess.run(["openssl", "x509", "-in", str(job / "tls" / "ca.crt"), "-noout", "-ext",
+                         "basicConstraints,keyUsage,extendedKeyUsage"], capture_output=True, text=True).stdout
+    assert "CA:TRUE, pathlen:0" in ca and "Certificate Sign, CRL Sign" in ca and "Extended" not in ca, ca
     assert os.stat(job / "tls" / "ca.key").st_mode & 0o777 == 0o600
     assert "security_args:" in text and 'tls_cert: "' in text and "tls_mutual: true" in text
     # the CA is never replaced by accident: certificates already handed out would stop matching
@@ -126,7 +149,8 @@ def test_mutual_tls_refuses_peers_without_a_certificate_of_the_ca(certs, tmp_pat
 
         def raw(credentials: Any, frame: bytes, client_id: int = 1, port: int = ports[0]) -> grpc.StatusCode | None:
             target = f"127.0.0.1:{port}"
-            channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+            server_name = [("grpc.ssl_target_name_override", "party0")]  # the name every party checks for the server
+            channel = grpc.secure_channel(target, credentials, server_name) if credentials else grpc.insecure_channel(target)
             try:
                 pb_grpc.gRPCCommManagerStub(channel).sendMessage(pb.CommRequest(client_id=client_id, message=frame),
                                                                  timeout=10)
@@ -164,14 +188,15 @@ def test_mutual_tls_refuses_peers_without_a_certificate_of_the_ca(certs, tmp_pat
         managers.append(stranger)
         with pytest.raises(grpc.RpcError):
             stranger.send_message(online(2))
-        # ... nor to a server whose certificate lacks the name the CSV gives for it (127.0.0.2 is this machine too)
+        # the name checked is the party's, not the CSV's host: a server reached as 127.0.0.2 (this machine too)
         renamed = write_csv(tmp_path / "renamed.csv", [(0, "0.0.0.0", ports[3], "127.0.0.2"), (1, "127.0.0.1", ports[4], "")])
         renamed_args = argparse.Namespace(grpc_ipconfig_path=str(renamed), run_id="t")
         far = PrismGrpcCommManager(renamed_args, 0, 1, codec(0, workers=1), tls(job, 0))
         near = PrismGrpcCommManager(renamed_args, 1, 1, codec(1, workers=1), tls(job, 1))
         managers += [far, near]
-        with pytest.raises(grpc.RpcError, match="Hostname Verification"):
-            near.send_message(online(1))
+        far_inbox = Inbox(far)
+        near.send_message(online(1))
+        wait_for(lambda: far_inbox.got == [(5, 1)], timeout=10, what="a message to the server at another host name")
         # one-way TLS (tls_mutual: false): no client certificate needed, the frame's MAC is the identity
         for m in (far, near):
             m.stop_receive_message()
@@ -182,6 +207,66 @@ def test_mutual_tls_refuses_peers_without_a_certificate_of_the_ca(certs, tmp_pat
         wait_for(lambda: one_inbox.got == [(5, 1)], timeout=10, what="a message over one-way TLS")
     finally:
         logging.getLogger("fedml_prism").removeHandler(handler)
+        for m in managers:
+            m.stop_receive_message()
+
+
+class RogueListener:
+    """A listener with another party's valid certificate (of the job's CA) on ``port``: what reaches it is recorded."""
+
+    def __init__(self, certs: Path, rank: int, port: int) -> None:
+        self.got: list[int] = []
+        d = certs / "tls"
+        credentials = grpc.ssl_server_credentials([((d / f"party{rank}.key").read_bytes(),
+                                                    (d / f"party{rank}.crt").read_bytes())])
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        rogue = self
+
+        class Servicer(pb_grpc.gRPCCommManagerServicer):
+            def sendMessage(self, request: Any, context: Any) -> Any:  # noqa: N802 - FedML's generated name
+                rogue.got.append(request.client_id)
+                return pb.CommResponse()
+
+        pb_grpc.add_gRPCCommManagerServicer_to_server(Servicer(), self.server)
+        self.server.add_secure_port(f"127.0.0.1:{port}", credentials)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(None)
+
+
+@pytest.mark.parametrize("mutual", [True, False])
+def test_a_worker_certificate_cannot_pose_as_the_server_or_another_worker(certs, tmp_path, mutual, caplog) -> None:
+    """Worker 2's valid certificate, listening on the server's address, gets nothing from worker 1 (its
+    send fails); on worker 1's address, nothing from the server; the real parties then talk as usual."""
+    job, _, _ = certs
+    ports = free_ports(3)
+    csv = write_csv(tmp_path / "ip.csv", [(r, "127.0.0.1", ports[r], "") for r in range(3)])
+    args = argparse.Namespace(grpc_ipconfig_path=str(csv), run_id="t")
+    managers: list[PrismGrpcCommManager] = []
+    rogues = [RogueListener(job, 2, ports[0])]  # worker 2's certificate on the server's address
+    try:
+        worker = PrismGrpcCommManager(args, 1, 2, codec(1), tls(job, 1, mutual))
+        managers.append(worker)
+        with pytest.raises(grpc.RpcError, match="Hostname Verification"):
+            worker.send_message(online(1))
+        assert f"party 1 refused the certificate at 127.0.0.1:{ports[0]}: it does not name party0" in caplog.text
+        rogues[0].stop()
+        server = PrismGrpcCommManager(args, 0, 2, codec(0), tls(job, 0, mutual))
+        managers.append(server)
+        rogues.append(RogueListener(job, 1, ports[2]))  # worker 1's certificate on worker 2's address
+        with pytest.raises(grpc.RpcError, match="Hostname Verification"):
+            server.send_message(Message(6, 0, 2))
+        assert [r.got for r in rogues] == [[], []]
+        # the real parties: each accepts the other's certificate
+        inbox, worker_inbox = Inbox(server), Inbox(worker)
+        worker.send_message(online(1))
+        server.send_message(Message(6, 0, 1))
+        wait_for(lambda: inbox.got == [(5, 1)] and worker_inbox.got == [(6, 0)], timeout=10,
+                 what="the honest messages")
+    finally:
+        for r in rogues:
+            r.stop()
         for m in managers:
             m.stop_receive_message()
 
@@ -250,3 +335,37 @@ def test_nothing_else_can_listen_on_a_partys_port(tmp_path) -> None:
             PrismGrpcCommManager(args, 0, 1, codec(0, workers=1), SecuritySettings())
     finally:
         party.stop_receive_message()
+
+
+def test_one_certificate_holds_at_most_calls_per_peer_calls(certs, tmp_path, monkeypatch, caplog) -> None:
+    """Under mutual TLS a peer is its certificate: worker 2's certificate, on connections of their own, gets
+    CALLS_PER_PEER idle calls held (then cut at the receive deadline) and the rest refused at once, while
+    worker 1's messages still get through."""
+    job, _, _ = certs
+    monkeypatch.setattr(grpc_transport, "RECEIVE_TIMEOUT_S", 1.0)
+    ports = free_ports(3)
+    csv = write_csv(tmp_path / "ip.csv", [(r, "127.0.0.1", ports[r], "") for r in range(3)])
+    args = argparse.Namespace(grpc_ipconfig_path=str(csv), run_id="t")
+    small = dataclasses.replace(tls(job, 0), max_message_mb=0.01)
+    limit = grpc_transport.receive_timeout_s(small.max_bytes)
+    d = job / "tls"
+    party2 = grpc.ssl_channel_credentials((d / "ca.crt").read_bytes(), (d / "party2.key").read_bytes(),
+                                          (d / "party2.crt").read_bytes())
+    server = PrismGrpcCommManager(args, 0, 2, codec(0), small)
+    worker = PrismGrpcCommManager(args, 1, 2, codec(1), tls(job, 1))
+    inbox = Inbox(server)
+    try:
+        with caplog.at_level("WARNING", logger="fedml_prism"):
+            idle = IdleCalls(f"127.0.0.1:{ports[0]}", CALLS_PER_PEER + 2, reopen=False, credentials=party2,
+                             options=[("grpc.ssl_target_name_override", "party0")])
+            wait_for(lambda: len(idle.ended) >= 2, timeout=limit / 2, what="the calls over the bound to be refused")
+            worker.send_message(online(1))
+            wait_for(lambda: inbox.got == [(5, 1)], timeout=5, what="worker 1's message")
+            wait_for(lambda: len(idle.ended) == CALLS_PER_PEER + 2, timeout=limit + 5, what="the held calls to be cut")
+    finally:
+        for m in (server, worker):
+            m.stop_receive_message()
+    codes = sorted((code.name, round(seconds)) for code, seconds in idle.ended)
+    assert codes == [("DEADLINE_EXCEEDED", round(limit))] * CALLS_PER_PEER + [("RESOURCE_EXHAUSTED", 0)] * 2, idle.ended
+    refusals = [r.getMessage() for r in caplog.records if "refused gRPC calls" in r.getMessage()]
+    assert refusals == [f"refused gRPC calls from certificate CN='party2': it already has {CALLS_PER_PEER} calls open"]

@@ -13,10 +13,12 @@ protocol stays FedML's) and its message loop, and changes what is trusted:
 - addresses come only from ``grpc_ipconfig_path`` (:func:`check_ipconfig` refuses a CSV without a
   row per party before anything starts); a message cannot redirect where replies go;
 - TLS when ``security_args`` names ``tls_ca``, ``tls_cert`` and ``tls_key``: each channel verifies the
-  peer's certificate against the CA (the target name is the CSV's host: ``run/make_certs.sh`` puts
-  127.0.0.1 and localhost, plus any extra names, in every certificate); with ``tls_mutual: true``
-  every listener demands a client certificate of that CA and checks that its common name is
-  ``party<client_id>``, so a party's identity is bound to its certificate as well as to its key;
+  peer's certificate against the CA and that it names the party the channel is for: the channel to
+  party r checks the name ``party<r>`` (``grpc.ssl_target_name_override``), which ``run/make_certs.sh``
+  puts in party r's certificate only, whatever host the CSV gives; so a worker's certificate is of no
+  use on the server's address (nor on another worker's); with ``tls_mutual: true`` every listener
+  demands a client certificate of that CA and checks that its common name is ``party<client_id>``, so
+  a party's identity is bound to its certificate as well as to its key;
 - the listener is gRPC's asyncio server in a thread of its own: a call waiting for its request
   message holds no thread, and a call whose message has not arrived within :func:`receive_timeout_s`
   is cut (``DEADLINE_EXCEEDED``), so calls that never send their message cannot starve honest ones;
@@ -82,6 +84,13 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 HANDSHAKE_TIMEOUT_MS = 10_000
 #: FedML's service, whose generated (de)serializers the listener uses: the wire protocol stays FedML's
 SERVICE = "gRPCCommManager"
+#: what gRPC's error says when a peer's certificate does not carry the name the channel checks
+NAME_MISMATCH = "Hostname Verification Check failed"
+
+
+def party_name(rank: int) -> str:
+    """The name party ``rank``'s certificate carries (CN and its one DNS name): a channel to it accepts no other."""
+    return f"party{int(rank)}"
 
 
 def send_timeout_s(frame_bytes: int) -> float:
@@ -235,11 +244,11 @@ class _Listener:
 
     async def _send_message(self, requests: Any, context: Any) -> Any:
         names = (context.auth_context().get("x509_common_name") or [b""]) if self._mutual else [b""]
-        peer = f"certificate {names[0]!r}" if self._mutual else context.peer()
+        peer = f"certificate CN={names[0].decode('utf-8', 'replace')!r}" if self._mutual else f"connection {context.peer()}"
         if self._open.get(peer, 0) >= CALLS_PER_PEER:
             if peer not in self._refused:  # once while it stays over the bound: refusals cannot flood the log
                 self._refused.add(peer)
-                log.warning("refused gRPC calls from %r: it already has %d calls open", peer, CALLS_PER_PEER)
+                log.warning("refused gRPC calls from %s: it already has %d calls open", peer, CALLS_PER_PEER)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {CALLS_PER_PEER} calls at once")
         self._open[peer] = self._open.get(peer, 0) + 1
         try:
@@ -325,9 +334,9 @@ class PrismGrpcCommManager(BaseCommunicationManager):
         try:
             if self.security.tls and self.security.tls_mutual:
                 name = names[0].decode("utf-8", "replace")
-                if name != f"party{request.client_id}":
-                    raise WireError(f"its certificate is for {name!r}, not party{request.client_id} (identity bound to "
-                                    "the certificate)")
+                if name != party_name(request.client_id):
+                    raise WireError(f"its certificate is for {name!r}, not {party_name(request.client_id)} (identity "
+                                    "bound to the certificate)")
             msg = self.codec.decode(request.message, transport_sender=request.client_id)
         except WireError as err:
             log.warning("rejected a gRPC message from %s: %s", peer, err)
@@ -382,13 +391,20 @@ class PrismGrpcCommManager(BaseCommunicationManager):
                 log.error("party %d cannot send message type %s to %d: %s", self.rank, msg.get_type(), receiver, err)
                 raise
             request = grpc_comm_manager_pb2.CommRequest(client_id=self.rank, message=frame)
-            if self._channel_credentials is not None:
-                channel = grpc.secure_channel(address.target, self._channel_credentials, options=self._options)
+            if self._channel_credentials is not None:  # the peer must prove it is party <receiver>, not who answers
+                options = [*self._options, ("grpc.ssl_target_name_override", party_name(receiver))]
+                channel = grpc.secure_channel(address.target, self._channel_credentials, options=options)
             else:
                 channel = grpc.insecure_channel(address.target, options=self._options)
             try:  # a fresh channel per message, as FedML does: no reconnect backoff left from a peer not yet up
                 stub = grpc_comm_manager_pb2_grpc.gRPCCommManagerStub(channel)
                 stub.sendMessage(request, timeout=send_timeout_s(len(frame)))
+            except grpc.RpcError as err:
+                if self._channel_credentials is not None and NAME_MISMATCH in (err.details() or ""):
+                    log.error("party %d refused the certificate at %s: it does not name %s (another party's "
+                              "certificate, or one made without DNS:party<r> by an older run/make_certs.sh)",
+                              self.rank, address.target, party_name(receiver))
+                raise
             finally:
                 channel.close()
 
