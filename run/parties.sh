@@ -11,13 +11,15 @@ background() {
   pids+=("$last_pid")
 }
 
-# launch_parties CONFIG WORKERS SERVER_HEAD_START_S [ARGS...]: server (rank 0), then ranks 1..WORKERS, each
+# launch_parties CONFIG WORKERS SERVER_HEAD_START_S [ARGS...]: the key files CONFIG names (fedml-prism keys
+# --cf: created when missing, existing ones kept), then the server (rank 0), then ranks 1..WORKERS, each
 # with ARGS (e.g. --resume, --output-dir DIR); waits for the server. If the server dies, the script exits
 # and the workers are stopped: rerun it with --resume to continue from the server's last checkpoint with
 # fresh workers (they hold no state but their data).
 launch_parties() {
   local config="$1" workers="$2" head_start="$3" run_id="prism-$$" server rank
   shift 3
+  "$BIN/fedml-prism" keys --cf "$config" --workers "$workers"
   background "$BIN/fedml-prism" run --cf "$config" --rank 0 --role server --run_id "$run_id" "$@"
   server=$last_pid
   sleep "$head_start"

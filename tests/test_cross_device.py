@@ -158,3 +158,26 @@ def test_device_exits_after_client_idle_timeout_without_a_server(tmp_path) -> No
     assert code == 3, log[-3000:]
     assert "device 12: no message from the server for 3 s: exiting" in log
     assert waited >= 3
+
+
+def test_a_broker_reconnect_before_the_start_neither_resamples_nor_postpones_it(monkeypatch) -> None:
+    """FedML raises CONNECTION_IS_READY on every (re)connection to the broker. Only the first opens round 1,
+    starts the announcer and arms the start deadline (issue 18: one timer per purpose, armed once); a
+    reconnect before the devices came online changes none of them."""
+    import threading
+
+    from fedml_prism.engine.server import Deadline
+    from fedml_prism.runtimes.cross_device import _server_manager_class
+
+    cls = _server_manager_class()
+    manager = cls.__new__(cls)
+    manager.lock, manager._listening, manager.is_initialized, manager._done = threading.RLock(), True, False, False
+    manager._announcer, manager.start_deadline, manager.start_timeout_s = None, Deadline(), 60.0
+    manager.deadline = Deadline()
+    opened, armed = [], []
+    monkeypatch.setattr(manager, "_open_round", lambda: opened.append(1), raising=False)
+    monkeypatch.setattr(manager, "_announce", lambda: None, raising=False)
+    monkeypatch.setattr(manager.start_deadline, "arm", lambda func, seconds: armed.append(seconds))
+    for _ in range(3):
+        manager.handle_message_connection_ready(None)
+    assert opened == [1] and armed == [60.0]

@@ -58,6 +58,12 @@ BAD_ARGS = [
     ({"worker_num": 3}, "worker_num=3 is invalid: allowed client_num_in_total=2"),
     ({"training_type": "simulation"}, "training_type='simulation' is invalid: allowed cross_silo"),
     ({"federated_optimizer": "FedProx"}, "federated_optimizer='FedProx' is invalid: allowed FedAvg"),
+    # FedML's own transports other than MPI unpickle peers' messages (issue 18, class 10)
+    ({"backend": "GRPC"}, "backend='GRPC' is invalid here: FedML's GRPC transport unpickles what peers send"),
+    ({"backend": "MQTT_S3"}, "backend='MQTT_S3' is invalid here: FedML's MQTT_S3 transport unpickles what peers send"),
+    ({"backend": "TRPC"}, "backend='TRPC' is invalid here: FedML's TRPC transport unpickles"),
+    ({"backend": "MQTT_WEB3", "trust_peers": False}, "backend='MQTT_WEB3' is invalid here"),
+    ({"backend": "GRPC", "trust_peers": "yes"}, "trust_peers='yes' is invalid: allowed true or false"),
 ]
 
 
@@ -70,6 +76,17 @@ def test_args_only_constructors_reject_bad_args(tmp_path, role: str, override: d
     with pytest.raises(ValueError, match=re.escape(message)) as err:
         cls(tiny_model(), native_args(tmp_path, **override))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("backend", ["MPI", "GRPC", "MQTT_S3"])
+def test_pickle_transports_only_with_trust_peers(tmp_path, backend: str) -> None:
+    """MPI needs nothing (its peers are your own mpiexec ranks); FedML's other transports need the
+    explicit ``trust_peers: true``."""
+    from fedml_prism.runtimes.fedml_glue import PrismClientTrainer, PrismServerAggregator
+
+    args = native_args(tmp_path, backend=backend, **({} if backend == "MPI" else {"trust_peers": True}))
+    assert PrismServerAggregator(tiny_model(), args).workers == 2
+    assert PrismClientTrainer(tiny_model(), args).client.settings.client_num_in_total == 2
 
 
 def test_unknown_prism_args_key_in_the_yaml_is_reported(tmp_path) -> None:

@@ -144,14 +144,16 @@ def _mqtt_server(monkeypatch: pytest.MonkeyPatch, bucket: _Bucket) -> Any:
     return mqtt_transport.PrismMqttS3CommManager(args, 0, 3, codec, SecuritySettings())
 
 
-def _frame_from_worker_1() -> bytes:
-    """An upload frame of worker 1 (authentication off)."""
+def _frame_from_worker_1(session: str = "") -> bytes:
+    """An upload frame of worker 1 (authentication off), in the server ``session`` it heard from."""
     from fedml.core.distributed.communication.message import Message
     from fedml.cross_silo.server.message_define import MyMessage
 
     msg = Message(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, 1, 0)
     msg.add_params(MODEL_PARAMS, {"c0/w": torch.ones(3)})
-    return FrameCodec("run7", 1, [0], KeyRing(1, None), MAX_BYTES).encode(msg)
+    worker = FrameCodec("run7", 1, [0], KeyRing(1, None), MAX_BYTES)
+    worker.session = session
+    return worker.encode(msg)
 
 
 def _announce(key: Any, frame: bytes) -> SimpleNamespace:
@@ -196,7 +198,7 @@ def test_an_s3_key_outside_the_senders_pattern_is_refused_before_the_bucket_is_r
 def test_an_s3_key_of_the_senders_pattern_is_read_and_deleted(fedml_home, monkeypatch) -> None:
     bucket = _Bucket()
     manager = _mqtt_server(monkeypatch, bucket)
-    frame, key = _frame_from_worker_1(), f"fedml_run7_1_{HEX}"
+    frame, key = _frame_from_worker_1(manager.codec.session), f"fedml_run7_1_{HEX}"
     bucket.objects[key] = frame
     message = manager._receive("fedml_run7_1", _announce(key, frame))
     assert torch.equal(message.get(MODEL_PARAMS)["c0/w"], torch.ones(3))

@@ -9,8 +9,6 @@ The FedML glue (:mod:`fedml_prism.runtimes.fedml_glue`) wraps these two; every r
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import logging
 import math
 import os
@@ -27,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .attention import convert_attention
 from .config import PrismConfig
+from .files import save_private, write_metrics
 from .layers import convert_static_bn
 from .principal import AggregateReport, ClientUpdate, PrincipalModel
 from .sampling import make_generator
@@ -314,15 +313,7 @@ class PrismServer:
         }
 
     def _write_metrics(self) -> None:
-        out = self.settings.output_dir
-        _atomic_write(os.path.join(out, "metrics.json"), json.dumps(self.metrics, indent=1))
-        tmp = os.path.join(out, "metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            # per-layer diagnostics are nested: metrics.json only
-            writer = csv.DictWriter(f, fieldnames=[k for k in self.metrics[0] if k != "layers"], extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.metrics)
-        os.replace(tmp, os.path.join(out, "metrics.csv"))
+        write_metrics(self.settings.output_dir, self.metrics, nested=("layers",))  # per-layer: metrics.json only
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -330,10 +321,7 @@ class PrismServer:
         return os.path.join(self.settings.output_dir, "checkpoint.pt")
 
     def save_checkpoint(self) -> None:
-        state = {"server": self.pm.state_dict(), "metrics": self.metrics}
-        tmp = self.checkpoint_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        save_private(self.checkpoint_path, {"server": self.pm.state_dict(), "metrics": self.metrics})
 
     def load_checkpoint(self) -> bool:
         """Continue from ``checkpoint.pt`` in the output dir; ``False`` if there is none."""
@@ -463,9 +451,3 @@ class FlipCrop:
 def _fmt(x: float) -> str:
     return "  n/a " if x != x else f"{x:.4f}"
 
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -359,7 +359,8 @@ def _server_manager_class():
             self.received: dict[int, ClientUpdate | None] = {}
             self.finished_edges: set[int] = set()
             self.late: dict[int, int] = {}  # edge → uploads still owed for rounds closed without them
-            self.deadline = Deadline()
+            self.deadline = Deadline()  # the round's, then the finish's: armed by the server's own progress only
+            self.start_deadline = Deadline()  # armed once, at the first connection to the broker
             self._announcer: threading.Thread | None = None
             self._listening = False
             self._done = False
@@ -407,12 +408,12 @@ def _server_manager_class():
                     mgr = self.com_manager.mqtt_mgr
                     mgr.add_message_passthrough_listener(self._on_raw_message)
                     mgr._client.subscribe(DEVICE_LAST_WILL_TOPIC, qos=2)
-                if self.is_initialized:
-                    return
+                if self.is_initialized or self._announcer is not None:
+                    return  # a reconnect to the broker: the first round, its announcer and start deadline stand
                 self._open_round()
                 self._announcer = threading.Thread(target=self._announce, daemon=True, name="prism-announce")
                 self._announcer.start()
-                self.deadline.arm(self._start_deadline, self.start_timeout_s)
+                self.start_deadline.arm(self._start_deadline, self.start_timeout_s)
 
         def _announce(self) -> None:
             """Repeat start_train and the status check until every device is online (the server's messages
@@ -453,6 +454,7 @@ def _server_manager_class():
             self.received.clear()
 
         def send_init_msg(self) -> None:
+            self.start_deadline.cancel()
             self._send_round(MyMessage.MSG_TYPE_S2C_INIT_CONFIG)
 
         def _send_round(self, msg_type: int) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 
 from ..job import Job
 from ._fedml_import import silence_fedml_import_warnings
-from .security import SecuritySettings, scrub_logs, secret_values
+from .security import SecuritySettings, check_network_auth, scrub_logs, secret_values
 
 log = logging.getLogger("fedml_prism")
 
@@ -24,11 +25,30 @@ def security_settings(job: Job, rank: int) -> SecuritySettings:
     broker and S3 credentials are scrubbed from every log line of this process from now on."""
     settings = SecuritySettings.from_flat(job.flat, os.path.dirname(job.path), rank)
     scrub_logs([*secret_values(job.flat), *([settings.auth_key] if settings.auth_key else [])])
+    if job.training_type == "cross_silo" and job.backend in ("GRPC", "MQTT_S3"):
+        check_network_auth(settings, network_hosts(job, rank), rank)
+    return settings
+
+
+def network_hosts(job: Job, rank: int) -> dict[str, str]:
+    """What party ``rank`` of a gRPC or MQTT_S3 job listens on or connects to: ``{what: host}``
+    (the gRPC table checked first: a bad table is named before anything else)."""
     if job.backend == "GRPC":
         from .grpc_transport import check_ipconfig
 
-        check_ipconfig(job.flat.get("grpc_ipconfig_path"), os.path.dirname(job.path), job.worker_num)
-    return settings
+        table = check_ipconfig(job.flat.get("grpc_ipconfig_path"), os.path.dirname(job.path), job.worker_num)
+        peers = [0] if rank else sorted(r for r in table if r)
+        return {f"its gRPC listening address (rank {rank})": table[rank].host,
+                **{f"the gRPC address of rank {r}": table[r].ingress or table[r].host for r in peers}}
+    from types import SimpleNamespace
+
+    from .mqtt_transport import MQTT_SECTION, S3_SECTION, config_section
+
+    flat = SimpleNamespace(**job.flat)
+    mqtt, s3 = config_section(flat, MQTT_SECTION), config_section(flat, S3_SECTION)
+    endpoint = str(s3.get("CN_S3_ENDPOINT") or "https://s3.amazonaws.com")
+    return {"the MQTT broker": str(mqtt.get("BROKER_HOST") or ""),
+            "the S3 endpoint": urlsplit(endpoint if "//" in endpoint else f"//{endpoint}").hostname or endpoint}
 
 
 def init_fedml(job: Job, args: Any) -> Any:

@@ -20,7 +20,8 @@ Two ways to build them:
   allowed). One data silo is one PriSM client: silo ``i`` trains the sub-model of client ``i`` on
   ``train_data_local_dict[i]``, which FedML hands to ``train``; the server evaluates on the
   ``test_data_global`` FedML's aggregator holds. Every silo trains every round
-  (``client_num_in_total == client_num_per_round == worker_num``).
+  (``client_num_in_total == client_num_per_round == worker_num``). The backend is FedML's own: MPI, or
+  another (gRPC, MQTT_S3, TRPC: they unpickle peers' messages) only with ``trust_peers: true``.
 - ``fedml-prism run`` passes the ``PrismClient`` / ``PrismServer`` it builds (``client=``,
   ``server=`` + ``workers=``), so K worker processes can serve any number of PriSM clients.
 
@@ -108,7 +109,28 @@ def check_silo_args(args: Any, settings: RunSettings) -> int:
     workers = getattr(args, "worker_num", silos)
     if workers != silos:
         raise ValueError(f"worker_num={workers!r} is invalid: allowed client_num_in_total={silos} (one process per silo)")
+    check_backend_trust(args)
     return silos
+
+
+def check_backend_trust(args: Any) -> None:
+    """FedML's own transports other than MPI unpickle what peers send: refused unless ``trust_peers: true``.
+
+    MPI passes: its peers are the ranks of your own ``mpiexec`` (one user, one launch). gRPC, TRPC and
+    the MQTT family pickle every message or S3 object, so whoever reaches the port or broker runs code in
+    this process. ``fedml-prism run`` is not affected: its GRPC and MQTT_S3 transports carry signed
+    frames without pickle."""
+    backend = getattr(args, "backend", "MPI")
+    trust = getattr(args, "trust_peers", False)
+    if not isinstance(trust, bool):
+        raise ValueError(f"trust_peers={trust!r} is invalid: allowed true or false")
+    if backend != "MPI" and not trust:
+        raise ValueError(
+            f"backend={backend!r} is invalid here: FedML's {backend} transport unpickles what peers send, so anyone who "
+            "reaches its port or broker runs code in this process; allowed MPI, or trust_peers: true (security_args) "
+            "when every peer and the network are yours, or fedml-prism run (its GRPC and MQTT_S3 frames are signed, "
+            "never pickled)"
+        )
 
 
 def offline() -> None:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..engine.config import OTHER_METHODS, PrismConfig
 from ..engine.costs import layer_costs
+from ..engine.files import write_private_bytes
 from ..engine.server import PrismClient, PrismServer
 from ..engine.train import evaluate
 from ..job import Job, load_data
@@ -187,8 +188,7 @@ def run_comparison(job: Job, resume: bool = False) -> list[dict[str, Any]]:
     table = format_table(rows)
     print(table)
     os.makedirs(base_dir, exist_ok=True)
-    with open(os.path.join(base_dir, "summary.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_private_bytes(os.path.join(base_dir, "summary.json"), json.dumps(rows, indent=1))
     with open(os.path.join(base_dir, "summary.md"), "w") as f:
         f.write(table + "\n")
     return rows

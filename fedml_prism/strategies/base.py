@@ -12,8 +12,6 @@ progress=False) -> MethodRun`` and a ``SETTING`` label (what travels, what a cli
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import time
@@ -23,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.utils.checkpoint
+
+from ..engine.files import save_private, write_metrics
 
 #: the "setting" column of bench tables: what a method shares and what a client trains
 WEIGHTS_ONLY = "weights only"
@@ -78,29 +78,14 @@ class MetricsLog:
                "train_loss": train_loss, "clients": clients, "bytes_down": int(bytes_down), "bytes_up": int(bytes_up),
                "round_s": now - round_start, "elapsed_s": now - self._start, **extra}
         self.rows.append(row)
-        atomic_write(os.path.join(self.out_dir, "metrics.json"), json.dumps(self.rows, indent=1).encode())
-        tmp = os.path.join(self.out_dir, "metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, os.path.join(self.out_dir, "metrics.csv"))
+        write_metrics(self.out_dir, self.rows)
         return row
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(out_dir: str, state: Mapping[str, Any]) -> None:
     """``checkpoint.pt`` in ``out_dir``, atomically (tensors, numbers, strings, lists and dicts only:
     it is read back with ``weights_only=True``)."""
-    path = os.path.join(out_dir, "checkpoint.pt")
-    torch.save(dict(state), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_private(os.path.join(out_dir, "checkpoint.pt"), dict(state))
 
 
 def load_checkpoint(out_dir: str) -> dict[str, Any] | None:

@@ -173,10 +173,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from ..runtimes.security import write_keys
+    from ..runtimes.security import ensure_keys, write_keys
 
-    for path in write_keys(args.out, args.workers):
-        print(path)
+    if (args.out is None) == (args.cf is None):
+        raise ValueError("give --out DIR (a fresh set of keys) or --cf CONFIG (the keys its auth_key_file names)")
+    if args.out is not None:
+        if args.workers is None:
+            raise ValueError("--out needs --workers K (ranks 1..K get keys)")
+        for path in write_keys(args.out, args.workers):
+            print(path)
+        return 0
+    from ..job import read_config
+
+    sections = read_config(args.cf)  # not build_job: it checks that the key files exist
+    template = (sections.get("security_args") or {}).get("auth_key_file")
+    workers = (sections.get("comm_args") or {}).get("worker_num", 1) if args.workers is None else args.workers
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise ValueError(f"worker_num={workers!r} is invalid: allowed an integer >= 1")
+    if not template:
+        print(f"{args.cf}: no security_args.auth_key_file, no keys to make")
+        return 0
+    if not isinstance(template, str):
+        raise ValueError(f"auth_key_file={template!r} is invalid: allowed a file path with {{rank}}")
+    created, kept = ensure_keys(template, os.path.dirname(os.path.abspath(args.cf)), workers)
+    for path in created:
+        print(f"created {path}")
+    for path in kept:
+        print(f"kept {path}")
     return 0
 
 
@@ -246,8 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true", help="validate the config, print the job, and exit")
     run.set_defaults(func=cmd_run)
     keys = sub.add_parser("keys", help="message authentication keys: party0.key (server, master) and one per worker")
-    keys.add_argument("--out", required=True, help="folder for party<rank>.key (mode 600)")
-    keys.add_argument("--workers", type=int, required=True, help="number of worker processes (ranks 1..K)")
+    keys.add_argument("--out", help="a fresh set of keys: folder for party<rank>.key (mode 600)")
+    keys.add_argument("--cf", help="the key files a fedml_config.yaml's auth_key_file names, created when missing "
+                                   "(a worker's from an existing master key); existing ones are kept")
+    keys.add_argument("--workers", type=int, help="number of worker processes (ranks 1..K; --cf: default worker_num)")
     keys.set_defaults(func=cmd_keys)
     return parser
 

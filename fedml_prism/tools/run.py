@@ -25,10 +25,26 @@ from ..workloads.models import create_model
 log = logging.getLogger("fedml_prism")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (FedML and pytest both replace it; a
+    handler holding the stream of the moment it was made writes to a closed file later)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201 - the stream logging.StreamHandler writes to
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001 - StreamHandler assigns it; sys.stderr is always used
+        pass
+
+
 def _setup_logging() -> None:
     root = logging.getLogger("fedml_prism")
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[fedml_prism] %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.INFO)
