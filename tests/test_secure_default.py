@@ -226,3 +226,16 @@ def test_scrubbing_covers_escaped_spellings_and_short_secret_fields() -> None:
     assert "'MQTT_PWD': '***'" in text and "'CN_S3_AKI': '***'" in text and "'MQTT_USER': 'bob'" in text
     assert '"CN_S3_SAK": "***", "n": 1' in text and "CN_S3_SAK=*** end" in text
     assert scrub("a plain line") == "a plain line"
+
+
+def test_mqtt_sections_given_as_yaml_files_are_read_from_the_jobs_folder(tmp_path, monkeypatch) -> None:
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "mqtt.yaml").write_text(yaml.safe_dump({"BROKER_HOST": "10.0.0.7", "BROKER_PORT": 1883}))
+    (job_dir / "s3.yaml").write_text(yaml.safe_dump({"BUCKET_NAME": "b", "CN_S3_ENDPOINT": "http://127.0.0.1:9"}))
+    cfg = write_config(job_dir / "job.yaml", common_args={"training_type": "cross_silo", "scenario": "horizontal"},
+                       comm_args={"backend": "MQTT_S3", "worker_num": 2, "customized_training_mqtt_config": "mqtt.yaml",
+                                  "customized_training_s3_config": "s3.yaml"})
+    monkeypatch.chdir(tmp_path)  # not the job's folder
+    with pytest.raises(ValueError, match="party 0 would use the MQTT broker '10.0.0.7'"):
+        security_settings(build_job(str(cfg)), 0)

@@ -89,7 +89,8 @@ def test_an_upload_of_this_rounds_clients_stamped_with_the_previous_round_is_ref
     manager = PrismServerManager.__new__(PrismServerManager)  # no FedML constructor: no transport, no threads
     manager.client_real_ids = list(codecs)
     manager.com_manager = SimpleNamespace(codec=server_codec)
-    manager.aggregator = SimpleNamespace(aggregator=agg)  # FedML's aggregator holds PriSM's as .aggregator
+    flags = dict.fromkeys(range(WORKERS), False)  # FedML's record of this round's uploads, by worker index
+    manager.aggregator = SimpleNamespace(aggregator=agg, flag_client_model_uploaded_dict=flags)  # PriSM's: .aggregator
 
     first = agg.get_model_params()  # round 1
     for index, worker in enumerate(codecs.values()):
@@ -107,6 +108,9 @@ def test_an_upload_of_this_rounds_clients_stamped_with_the_previous_round_is_ref
 
     _to_worker(server_codec, worker, second[index])
     assert manager._upload_problem(_upload(server_codec, worker, trained)) is None  # the same bundle, this round
+    flags[index] = True  # FedML took it; the worker's retried send (a new frame, new seq) arrives as well
+    assert manager._upload_problem(_upload(server_codec, worker, trained)) == (
+        "a second upload for this round (a retried send whose first try arrived): the first is kept")
 
 
 # ------------------------------------------------------------------ the MQTT_S3 key pattern

@@ -80,11 +80,23 @@ def decompose_qr(weight: Tensor, dtype: str = "float32", name: str = "") -> Fact
     return Factors(u.to(out).contiguous(), s.to(out), vh.to(out).reshape(-1, *weight.shape[1:]).contiguous())
 
 
-def _cholesky_upper(gram: Tensor) -> Tensor:
-    """Upper ``R`` with ``gram = Rᵀ R``; raises ``LinAlgError`` if ``gram`` is not positive definite."""
+#: a Cholesky pivot² below this many machine epsilons of the inputs (times the largest diagonal entry) is a
+#: rank-deficient block: the Gram matrix is formed from products in the inputs' dtype, whose rounding can
+#: leave an exactly singular block barely positive definite, with a useless, ill-conditioned R
+RANK_TOL_EPS = 100.0
+
+
+def _cholesky_upper(gram: Tensor, eps: float) -> Tensor:
+    """Upper ``R`` with ``gram = Rᵀ R``; raises ``LinAlgError`` if ``gram`` is not positive definite, or is
+    so only by the rounding of inputs with machine epsilon ``eps``."""
     low, info = torch.linalg.cholesky_ex(gram)
     if int(info) != 0:
         raise torch.linalg.LinAlgError(f"trained block is rank deficient (Cholesky failed at column {int(info)})")
+    pivots = low.diagonal() ** 2
+    floor = RANK_TOL_EPS * eps * float(gram.diagonal().max().clamp_min(torch.finfo(_F64).tiny))
+    if pivots.numel() and float(pivots.min()) <= floor:
+        raise torch.linalg.LinAlgError(f"trained block is rank deficient (pivot² {float(pivots.min()):.3g} at column "
+                                       f"{int(pivots.argmin())}, below {floor:.3g})")
     return low.t()
 
 
@@ -94,7 +106,7 @@ def _side(base: Tensor, new_t: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Te
     d = (base.t() @ new_t).to(_F64)
     c = d[keep]
     gram = (new_t.t() @ new_t).to(_F64) - c.t() @ c
-    return c, _cholesky_upper(gram), d
+    return c, _cholesky_upper(gram, torch.finfo(new_t.dtype).eps), d
 
 
 def block_refresh(old: Factors, new: Factors, trained: Tensor, dtype: str = "float32") -> Refreshed:

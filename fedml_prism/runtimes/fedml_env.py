@@ -44,8 +44,13 @@ def network_hosts(job: Job, rank: int) -> dict[str, str]:
 
     from .mqtt_transport import MQTT_SECTION, S3_SECTION, config_section
 
-    flat = SimpleNamespace(**job.flat)
-    mqtt, s3 = config_section(flat, MQTT_SECTION), config_section(flat, S3_SECTION)
+    def section(name: str) -> dict[str, Any]:  # a mapping, or a yaml file's path relative to the job's folder
+        value = job.flat.get(name)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            value = os.path.join(os.path.dirname(job.path), value)
+        return config_section(SimpleNamespace(**{name: value}), name)
+
+    mqtt, s3 = section(MQTT_SECTION), section(S3_SECTION)
     endpoint = str(s3.get("CN_S3_ENDPOINT") or "https://s3.amazonaws.com")
     return {"the MQTT broker": str(mqtt.get("BROKER_HOST") or ""),
             "the S3 endpoint": urlsplit(endpoint if "//" in endpoint else f"//{endpoint}").hostname or endpoint}

@@ -108,6 +108,8 @@ class PrismServerManager(FedMLServerManager):
             sent, now = msg_params.get(WIRE_ROUND), self._prism_round()
             if sent != now:
                 return f"it is for round {sent + 1}, not round {now + 1} (stale or replayed)"
+        if getattr(self.aggregator, "flag_client_model_uploaded_dict", {}).get(self.client_real_ids.index(sender)):
+            return "a second upload for this round (a retried send whose first try arrived): the first is kept"
         params = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
         if not isinstance(params, Mapping):
             return f"its model_params are a {type(params).__name__}, not a mapping of tensors"
