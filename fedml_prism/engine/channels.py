@@ -96,104 +96,121 @@ def channel_plan(model: nn.Module) -> ChannelPlan:
         raise ValueError(
             f"origdrop/rolex need a torch.fx-traceable model to find matching channels: {err}"
         ) from err
-    mods = dict(gm.named_modules())
-    uf = _UnionFind()
-    size: dict[int, int] = {}
-    fixed: set[int] = set()
-    group: dict[fx.Node, int | None] = {}
-    raw: dict[str, tuple[int | None, int | None, int]] = {}
+    tracer = _GroupTracer(dict(gm.named_modules()))
+    for node in gm.graph.nodes:
+        tracer.visit(node)
+    return tracer.plan()
 
-    def arg_groups(node: fx.Node) -> list[int]:
+
+class _GroupTracer:
+    """Walks a traced graph once, giving each node the channel group of its output (``None``: not a
+    channel-carrying tensor) and recording, per sliced module, its raw ``(out, in, repeat)`` groups."""
+
+    def __init__(self, mods: dict[str, nn.Module]) -> None:
+        self.mods = mods
+        self.uf = _UnionFind()
+        self.size: dict[int, int] = {}
+        self.fixed: set[int] = set()
+        self.group: dict[fx.Node, int | None] = {}
+        self.raw: dict[str, tuple[int | None, int | None, int]] = {}
+
+    def arg_groups(self, node: fx.Node) -> list[int]:
         found = []
         for a in node.all_input_nodes:
-            g = group.get(a)
+            g = self.group.get(a)
             if g is not None:
                 found.append(g)
         return found
 
-    def first(node: fx.Node) -> int | None:
+    def first(self, node: fx.Node) -> int | None:
         a = node.args[0] if node.args else None
-        return group.get(a) if isinstance(a, fx.Node) else None
+        return self.group.get(a) if isinstance(a, fx.Node) else None
 
-    def opened(channels: int) -> int:
-        g = uf.new()
-        size[g] = channels
+    def opened(self, channels: int) -> int:
+        g = self.uf.new()
+        self.size[g] = channels
         return g
 
-    for node in gm.graph.nodes:
+    def visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            g = uf.new()
-            fixed.add(g)
-            group[node] = g
+            g = self.uf.new()
+            self.fixed.add(g)
+            self.group[node] = g
         elif node.op == "get_attr":
-            group[node] = None
+            self.group[node] = None
         elif node.op == "call_module":
-            m = mods[node.target]
-            gin = first(node)
-            if isinstance(m, nn.Conv2d) and m.groups == 1:
-                raw[node.target] = (opened(m.out_channels), gin, 1)
-                if gin is not None:
-                    size.setdefault(uf.find(gin), m.in_channels)
-                group[node] = raw[node.target][0]
-            elif isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels:
-                raw[node.target] = (gin, None, 1)  # depthwise: one filter per channel
-                group[node] = gin
-            elif isinstance(m, nn.Linear):
-                repeat = 1
-                if gin is not None:
-                    channels = size.get(uf.find(gin))
-                    if channels and m.in_features % channels == 0:
-                        repeat = m.in_features // channels
-                raw[node.target] = (opened(m.out_features), gin, repeat)
-                group[node] = raw[node.target][0]
-            elif isinstance(m, _NORMS):
-                raw[node.target] = (gin, None, 1)
-                group[node] = gin
-            elif not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()):
-                group[node] = gin
-            else:
-                raise ValueError(
-                    f"origdrop/rolex cannot slice module {node.target!r} of type "
-                    f"{type(m).__name__}: supported are Conv2d, Linear, BatchNorm and "
-                    "parameter-free modules"
-                )
+            self.group[node] = self.visit_module(node, self.mods[node.target])
         elif node.op in ("call_function", "call_method"):
-            target = node.target
-            groups = arg_groups(node)
-            if target in _ADD and len(groups) > 1:
-                merged = groups[0]
-                for g in groups[1:]:
-                    merged = uf.union(merged, g)
-                group[node] = merged
-            elif target in _NON_TENSOR_METHODS or target is getattr:
-                group[node] = None
-            elif target in _ADD or target in _PASS_FUNCS or target in _PASS_METHODS:
-                group[node] = first(node)
-            elif not groups:
-                group[node] = None
-            else:
-                name = getattr(target, "__name__", str(target))
-                raise ValueError(
-                    f"origdrop/rolex cannot follow channels through {name!r} (node {node.name}): "
-                    "use a principal strategy, or exclude such models from channel baselines"
-                )
+            self.group[node] = self.visit_function(node)
         elif node.op == "output":
-            for g in arg_groups(node):
-                fixed.add(g)
+            for g in self.arg_groups(node):
+                self.fixed.add(g)
 
-    plan = ChannelPlan()
-    roots_fixed = {uf.find(g) for g in fixed}
-    for g, channels in size.items():
-        root = uf.find(g)
-        if plan.sizes.setdefault(root, channels) != channels:
-            raise ValueError(f"residual addition joins layers of {plan.sizes[root]} and {channels} channels")
-    plan.fixed = {g for g in plan.sizes if g in roots_fixed}
-    for name, (gout, gin, repeat) in raw.items():
-        rout = uf.find(gout) if gout is not None else None
-        rin = uf.find(gin) if gin is not None else None
-        plan.modules[name] = ModuleSlice(
-            rout if rout not in roots_fixed else None,
-            rin if rin not in roots_fixed else None,
-            repeat,
+    def visit_module(self, node: fx.Node, m: nn.Module) -> int | None:
+        gin = self.first(node)
+        if isinstance(m, nn.Conv2d) and m.groups == 1:
+            self.raw[node.target] = (self.opened(m.out_channels), gin, 1)
+            if gin is not None:
+                self.size.setdefault(self.uf.find(gin), m.in_channels)
+            return self.raw[node.target][0]
+        if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels:
+            self.raw[node.target] = (gin, None, 1)  # depthwise: one filter per channel
+            return gin
+        if isinstance(m, nn.Linear):
+            repeat = 1
+            if gin is not None:
+                channels = self.size.get(self.uf.find(gin))
+                if channels and m.in_features % channels == 0:
+                    repeat = m.in_features // channels
+            self.raw[node.target] = (self.opened(m.out_features), gin, repeat)
+            return self.raw[node.target][0]
+        if isinstance(m, _NORMS):
+            self.raw[node.target] = (gin, None, 1)
+            return gin
+        if not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()):
+            return gin
+        raise ValueError(
+            f"origdrop/rolex cannot slice module {node.target!r} of type "
+            f"{type(m).__name__}: supported are Conv2d, Linear, BatchNorm and "
+            "parameter-free modules"
         )
-    return plan
+
+    def visit_function(self, node: fx.Node) -> int | None:
+        target = node.target
+        groups = self.arg_groups(node)
+        if target in _ADD and len(groups) > 1:
+            merged = groups[0]
+            for g in groups[1:]:
+                merged = self.uf.union(merged, g)
+            return merged
+        if target in _NON_TENSOR_METHODS or target is getattr:
+            return None
+        if target in _ADD or target in _PASS_FUNCS or target in _PASS_METHODS:
+            return self.first(node)
+        if not groups:
+            return None
+        name = getattr(target, "__name__", str(target))
+        raise ValueError(
+            f"origdrop/rolex cannot follow channels through {name!r} (node {node.name}): "
+            "use a principal strategy, or exclude such models from channel baselines"
+        )
+
+    def plan(self) -> ChannelPlan:
+        """Merge the groups joined by additions and turn the recorded modules into :class:`ModuleSlice`s."""
+        uf = self.uf
+        plan = ChannelPlan()
+        roots_fixed = {uf.find(g) for g in self.fixed}
+        for g, channels in self.size.items():
+            root = uf.find(g)
+            if plan.sizes.setdefault(root, channels) != channels:
+                raise ValueError(f"residual addition joins layers of {plan.sizes[root]} and {channels} channels")
+        plan.fixed = {g for g in plan.sizes if g in roots_fixed}
+        for name, (gout, gin, repeat) in self.raw.items():
+            rout = uf.find(gout) if gout is not None else None
+            rin = uf.find(gin) if gin is not None else None
+            plan.modules[name] = ModuleSlice(
+                rout if rout not in roots_fixed else None,
+                rin if rin not in roots_fixed else None,
+                repeat,
+            )
+        return plan
