@@ -19,7 +19,7 @@ import yaml
 
 from .engine.config import ALL_STRATEGIES, OTHER_METHODS, PrismConfig
 from .engine.server import RunSettings
-from .runtimes.mnn_sandbox import ParseLimits
+from .runtimes.cross_device.mnn_sandbox import ParseLimits
 from .runtimes.security import KEYS as SECURITY_KEYS
 from .runtimes.security import SecuritySettings
 from .workloads.data import PARTITIONS, FederatedData, load_federated

@@ -1,6 +1,6 @@
 """A rogue cross-device peer for tests/test_hostile_cross_device.py: it holds edge ids of the job (a
 compromised phone, or anyone who may publish on those devices' topics) and speaks FedML's device
-protocol like :class:`fedml_prism.runtimes.device.ReferenceDevice`, but every upload is hostile.
+protocol like :class:`fedml_prism.runtimes.cross_device.device.ReferenceDevice`, but every upload is hostile.
 
 Usage: python rogue_cross_device.py CONFIG RUN_ID MARKER_PATH EDGE [EDGE ...]
 
@@ -28,7 +28,7 @@ import torch
 from hostile_utils import marker_pickle
 
 from fedml_prism.job import build_job
-from fedml_prism.runtimes.mnn_export import train_graph
+from fedml_prism.runtimes.cross_device.mnn_export import train_graph
 
 CHECK, INIT, SYNC, FINISH, MODEL, STATUS = 6, 1, 2, 7, 3, 5
 

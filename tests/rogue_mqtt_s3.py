@@ -250,7 +250,7 @@ class Rogue:
 
 
 def announcement_mac(key: bytes, run_id: str, sender: int, receiver: int, ann: dict[str, Any]) -> str:
-    """The MAC of an S3 announcement as the module doc of ``fedml_prism.runtimes.mqtt_transport`` specifies
+    """The MAC of an S3 announcement as the module doc of ``fedml_prism.runtimes.cross_silo.mqtt_transport`` specifies
     it, written out here so that the test pins the format: HMAC-SHA256 with the link key over the compact
     JSON array [label, run, sender, receiver, key, size, sha256]."""
     signed = json.dumps(["fedml_prism MQTT_S3 announcement v1", run_id, sender, receiver, ann["key"], ann["size"],

@@ -12,8 +12,9 @@ from pathlib import Path
 import fedml_prism
 
 # the only modules that may import FedML when imported: they subclass FedML's classes
-FEDML_GLUE = {"fedml_glue", "runtimes.fedml_glue", "runtimes.server_manager", "runtimes.client_manager",
-              "runtimes.grpc_transport", "runtimes.mqtt_transport"}
+FEDML_GLUE = {"fedml_glue", "runtimes.fedml_glue", "runtimes.cross_silo.server_manager",
+              "runtimes.cross_silo.client_manager", "runtimes.cross_silo.grpc_transport",
+              "runtimes.cross_silo.mqtt_transport"}
 PACKAGE = Path(fedml_prism.__file__).parent
 
 
@@ -39,7 +40,7 @@ def test_layout_engine_imports_only_itself_and_nothing_imports_upward() -> None:
                 if part == "engine":
                     raise AssertionError(f"{path}: the engine imports {node.module!r}")
                 if target == "runtimes" and part == "job":
-                    assert node.module in ("runtimes.security", "runtimes.mnn_sandbox"), f"{path}: {node.module}"
+                    assert node.module in ("runtimes.security", "runtimes.cross_device.mnn_sandbox"), f"{path}: {node.module}"
                     continue
                 assert order[target] <= order[part], f"{path} imports {node.module!r} from a layer above it"
 
@@ -48,7 +49,7 @@ def test_core_imports_without_fedml(tmp_path) -> None:
     modules = _modules()
     core = [m for m in modules if m not in FEDML_GLUE]
     assert {"engine.server", "engine.principal", "engine.aggregate", "engine.train", "runtimes.simulation",
-            "runtimes.cross_silo", "job", "tools.cli", "tools.bench"} <= set(core)
+            "runtimes.cross_silo.launch", "runtimes.cross_device.launch", "job", "tools.cli", "tools.bench"} <= set(core)
     code = (
         "import importlib, sys\n"
         f"for name in {core!r}:\n"

@@ -167,7 +167,7 @@ def test_a_broker_reconnect_before_the_start_neither_resamples_nor_postpones_it(
     import threading
 
     from fedml_prism.engine.server import Deadline
-    from fedml_prism.runtimes.cross_device import _server_manager_class
+    from fedml_prism.runtimes.cross_device.launch import _server_manager_class
 
     cls = _server_manager_class()
     manager = cls.__new__(cls)

@@ -147,7 +147,7 @@ def test_grpc_worker_exits_once_its_server_stops_listening() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     code = textwrap.dedent(f"""
         import time, types
-        from fedml_prism.runtimes.cross_silo import _watchdog
+        from fedml_prism.runtimes.cross_silo.launch import _watchdog
         trainer = types.SimpleNamespace(last_message_at=time.time() + 3600)  # never idle
         _watchdog(trainer, idle_s=600.0, server=("127.0.0.1", {listener.getsockname()[1]}), probe_s=0.2)
         print("watching", flush=True)

@@ -578,7 +578,7 @@ def test_worker_exits_after_client_idle_timeout_of_server_silence(tmp_path) -> N
 def test_watchdog_ends_a_silent_worker_process_only_after_the_idle_time() -> None:
     code = textwrap.dedent("""
         import time, types
-        from fedml_prism.runtimes.cross_silo import _watchdog
+        from fedml_prism.runtimes.cross_silo.launch import _watchdog
         trainer = types.SimpleNamespace(last_message_at=time.time())
         _watchdog(trainer, idle_s=1.0)
         for _ in range(8):  # messages keep arriving for 2 s: the worker stays

@@ -14,10 +14,10 @@ import pytest
 import torch
 from runtime_utils import free_ports, wait_for
 
-from fedml_prism.runtimes import client_manager
 from fedml_prism.runtimes._fedml_import import silence_fedml_import_warnings
-from fedml_prism.runtimes.client_manager import PrismClientManager
-from fedml_prism.runtimes.grpc_transport import PrismGrpcCommManager
+from fedml_prism.runtimes.cross_silo import client_manager
+from fedml_prism.runtimes.cross_silo.client_manager import PrismClientManager
+from fedml_prism.runtimes.cross_silo.grpc_transport import PrismGrpcCommManager
 from fedml_prism.runtimes.security import SecuritySettings
 from fedml_prism.runtimes.wire import FrameCodec
 

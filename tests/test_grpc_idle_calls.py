@@ -28,9 +28,9 @@ from runtime_utils import (
     wait_for,
 )
 
-from fedml_prism.runtimes import grpc_transport
 from fedml_prism.runtimes._fedml_import import silence_fedml_import_warnings
-from fedml_prism.runtimes.grpc_transport import CALLS_PER_PEER, SEND_TIMEOUT_S, PrismGrpcCommManager, read_ipconfig
+from fedml_prism.runtimes.cross_silo import grpc_transport
+from fedml_prism.runtimes.cross_silo.grpc_transport import CALLS_PER_PEER, SEND_TIMEOUT_S, PrismGrpcCommManager, read_ipconfig
 from fedml_prism.runtimes.security import SecuritySettings
 from fedml_prism.runtimes.wire import FrameCodec
 

@@ -1,4 +1,4 @@
-"""gRPC with TLS and checked addresses (fedml_prism.runtimes.grpc_transport, run/make_certs.sh): certificates bind
+"""gRPC with TLS and checked addresses (fedml_prism.runtimes.cross_silo.grpc_transport, run/make_certs.sh): certificates bind
 identities, a party without a certificate of the job's CA is refused before its message is read, a
 channel accepts only the certificate of the party it is for (``party<r>``: another party's certificate on
 its address gets nothing), and a CSV without a row per party stops the job before it starts."""
@@ -31,9 +31,9 @@ from runtime_utils import (
     wait_for,
 )
 
-from fedml_prism.runtimes import grpc_transport
 from fedml_prism.runtimes._fedml_import import silence_fedml_import_warnings
-from fedml_prism.runtimes.grpc_transport import CALLS_PER_PEER, PrismGrpcCommManager, check_ipconfig
+from fedml_prism.runtimes.cross_silo import grpc_transport
+from fedml_prism.runtimes.cross_silo.grpc_transport import CALLS_PER_PEER, PrismGrpcCommManager, check_ipconfig
 from fedml_prism.runtimes.security import KeyRing, SecuritySettings, worker_key
 from fedml_prism.runtimes.wire import FrameCodec
 

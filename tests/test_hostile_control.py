@@ -89,8 +89,8 @@ def test_a_hello_replayed_into_a_restarted_server_only_gets_the_status_question(
 
     from fedml.core.distributed.communication.message import Message
 
+    from fedml_prism.runtimes.cross_silo.server_manager import PrismServerManager
     from fedml_prism.runtimes.security import KeyRing, worker_key
-    from fedml_prism.runtimes.server_manager import PrismServerManager
     from fedml_prism.runtimes.wire import FrameCodec
 
     master = bytes(range(32))
@@ -124,8 +124,8 @@ def rogue_main(cfg_path: str, lifetime_s: float = 200.0) -> int:
     from fedml.core.distributed.communication.message import Message
 
     from fedml_prism.job import build_job
-    from fedml_prism.runtimes.cross_silo import fedml_args
-    from fedml_prism.runtimes.transport import make_comm_manager
+    from fedml_prism.runtimes.cross_silo.launch import fedml_args
+    from fedml_prism.runtimes.cross_silo.transport import make_comm_manager
 
     job = build_job(cfg_path)
     args = fedml_args(job, RANK, "client", "t")

@@ -123,7 +123,7 @@ def rogue_main(cfg_path: str, key_path: str, marker: str, lifetime_s: float = 20
 
     from fedml_prism.engine.server import PrismClient, unpack_bundle
     from fedml_prism.job import build_job, load_data
-    from fedml_prism.runtimes.grpc_transport import read_ipconfig
+    from fedml_prism.runtimes.cross_silo.grpc_transport import read_ipconfig
     from fedml_prism.runtimes.security import KeyRing, read_key
     from fedml_prism.runtimes.wire import FrameCodec
     from fedml_prism.workloads.models import create_model

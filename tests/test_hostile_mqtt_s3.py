@@ -289,9 +289,9 @@ def _args(tmp: Path, mqtt: dict, run_id: str = "t", s3: dict | None = None):
     (None, "t", "customized_training_mqtt_config is invalid (NoneType)"),
 ])
 def test_mqtt_s3_settings_are_checked(tmp_path, mqtt, run_id, message) -> None:
-    from fedml_prism.runtimes.mqtt_transport import PrismMqttS3CommManager
+    from fedml_prism.runtimes.cross_silo.mqtt_transport import PrismMqttS3CommManager
+    from fedml_prism.runtimes.cross_silo.transport import make_codec
     from fedml_prism.runtimes.security import SecuritySettings
-    from fedml_prism.runtimes.transport import make_codec
 
     args = _args(tmp_path, mqtt, run_id)
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -300,9 +300,9 @@ def test_mqtt_s3_settings_are_checked(tmp_path, mqtt, run_id, message) -> None:
 
 def test_no_broker_is_an_error_within_the_connect_timeout(tmp_path) -> None:
     """FedML's client retries an unreachable broker forever; a PriSM party gives up with the reason."""
-    from fedml_prism.runtimes.mqtt_transport import BrokerError, PrismMqttS3CommManager
+    from fedml_prism.runtimes.cross_silo.mqtt_transport import BrokerError, PrismMqttS3CommManager
+    from fedml_prism.runtimes.cross_silo.transport import make_codec
     from fedml_prism.runtimes.security import SecuritySettings
-    from fedml_prism.runtimes.transport import make_codec
 
     (port,) = free_ports(1)  # nothing listens there
     args = _args(tmp_path, {"BROKER_HOST": "127.0.0.1", "BROKER_PORT": port, "MQTT_CONNECT_TIMEOUT_S": 1})

@@ -11,7 +11,7 @@ import torch
 from fedml_prism import PrincipalModel, PrismConfig
 from fedml_prism.engine.layers import convert_static_bn
 from fedml_prism.engine.principal import ClientUpdate
-from fedml_prism.runtimes import mnn_export as me
+from fedml_prism.runtimes.cross_device import mnn_export as me
 from fedml_prism.workloads.models import cnn, resnet_tiny
 
 # Exported graphs compute in float32 with other kernels; measured differences are ~1e-7 on

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from fedml_prism.runtimes import mnn_sandbox
-from fedml_prism.runtimes.mnn_sandbox import LAYERS, ParseLimits, UnreadableGraph, _read_output, _sandboxed
+from fedml_prism.runtimes.cross_device import mnn_sandbox
+from fedml_prism.runtimes.cross_device.mnn_sandbox import LAYERS, ParseLimits, UnreadableGraph, _read_output, _sandboxed
 
 pytestmark = pytest.mark.timeout(60)
 

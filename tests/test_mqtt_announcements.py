@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedml_prism.runtimes import mqtt_transport
+from fedml_prism.runtimes.cross_silo import mqtt_transport
 from fedml_prism.runtimes.security import KeyRing, SecuritySettings, worker_key
 from fedml_prism.runtimes.wire import MODEL_PARAMS, FrameCodec
 

@@ -113,7 +113,7 @@ def test_fedml_init_puts_fedml_logs_under_the_output_dir(tmp_path) -> None:
     cfg = grpc_config(tmp_path, workers=1, tracking_args={"output_dir": str(tmp_path / "out")})
     code = (
         "import os, sys\n"
-        "from fedml_prism.runtimes.cross_silo import fedml_args\n"
+        "from fedml_prism.runtimes.cross_silo.launch import fedml_args\n"
         "from fedml_prism.runtimes.fedml_env import init_fedml\n"
         "from fedml_prism.job import build_job\n"
         "job = build_job(sys.argv[1])\n"

@@ -74,8 +74,8 @@ def _upload(server_codec: FrameCodec, worker: FrameCodec, bundle: dict[str, torc
 
 
 def test_an_upload_of_this_rounds_clients_stamped_with_the_previous_round_is_refused(fedml_home, tmp_path) -> None:
+    from fedml_prism.runtimes.cross_silo.server_manager import PrismServerManager
     from fedml_prism.runtimes.fedml_glue import PrismServerAggregator
-    from fedml_prism.runtimes.server_manager import PrismServerManager
 
     torch.manual_seed(0)
     model = cnn(num_classes=3, in_channels=1, image_size=8, width=0.5)
@@ -136,7 +136,7 @@ class _Bucket:
 
 def _mqtt_server(monkeypatch: pytest.MonkeyPatch, bucket: _Bucket) -> Any:
     """The server's MQTT_S3 manager of run ``run7`` with workers 1 and 2, no broker, ``bucket`` as S3."""
-    from fedml_prism.runtimes import mqtt_transport
+    from fedml_prism.runtimes.cross_silo import mqtt_transport
     from fedml_prism.runtimes.security import SecuritySettings
 
     monkeypatch.setattr(mqtt_transport, "connect", lambda client, broker, connack: None)
@@ -185,7 +185,7 @@ HEX = uuid.UUID(int=0xABC).hex
 def test_an_s3_key_outside_the_senders_pattern_is_refused_before_the_bucket_is_read(
     fedml_home, monkeypatch, key: Any,
 ) -> None:
-    from fedml_prism.runtimes.mqtt_transport import Rejected
+    from fedml_prism.runtimes.cross_silo.mqtt_transport import Rejected
 
     bucket = _Bucket()
     manager = _mqtt_server(monkeypatch, bucket)

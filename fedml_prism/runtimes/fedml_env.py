@@ -34,7 +34,7 @@ def network_hosts(job: Job, rank: int) -> dict[str, str]:
     """What party ``rank`` of a gRPC or MQTT_S3 job listens on or connects to: ``{what: host}``
     (the gRPC table checked first: a bad table is named before anything else)."""
     if job.backend == "GRPC":
-        from .grpc_transport import check_ipconfig
+        from .cross_silo.grpc_transport import check_ipconfig
 
         table = check_ipconfig(job.flat.get("grpc_ipconfig_path"), os.path.dirname(job.path), job.worker_num)
         peers = [0] if rank else sorted(r for r in table if r)
@@ -42,7 +42,7 @@ def network_hosts(job: Job, rank: int) -> dict[str, str]:
                 **{f"the gRPC address of rank {r}": table[r].ingress or table[r].host for r in peers}}
     from types import SimpleNamespace
 
-    from .mqtt_transport import MQTT_SECTION, S3_SECTION, config_section
+    from .cross_silo.mqtt_transport import MQTT_SECTION, S3_SECTION, config_section
 
     def section(name: str) -> dict[str, Any]:  # a mapping, or a yaml file's path relative to the job's folder
         value = job.flat.get(name)

@@ -73,13 +73,13 @@ def main(cli: argparse.Namespace) -> int:
         run_comparison(job, resume=cli.resume)
         return 0
     if job.training_type == "cross_device":
-        from ..runtimes.cross_device import run_device, run_server
+        from ..runtimes.cross_device.launch import run_device, run_server
 
         if cli.role == "device":
             if cli.edge_id is None:
                 raise ValueError("--role device needs --edge-id (one of client_id_list)")
             return run_device(job, cli.edge_id)
         return run_server(job, run_id=cli.run_id)
-    from ..runtimes.cross_silo import run_cross_silo
+    from ..runtimes.cross_silo.launch import run_cross_silo
 
     return run_cross_silo(job, rank=cli.rank, role=cli.role, run_id=cli.run_id, resume=cli.resume)

@@ -26,7 +26,7 @@ converts a *probe* copy of the same graph whose tensors hold distinct random val
 MNN's parameters to state-dict keys by value; the map is cached per architecture (ranks and shapes).
 
 A trained graph comes back from a device: :func:`read_trained` has it parsed by a child process
-with a time and memory limit (:mod:`fedml_prism.runtimes.mnn_sandbox`) and gets plain float32 arrays back.
+with a time and memory limit (:mod:`fedml_prism.runtimes.cross_device.mnn_sandbox`) and gets plain float32 arrays back.
 
 ``MNN`` is imported on first use (``pip install MNN``; 3.x). ``MNN.tools`` is never imported: its
 usage logger runs ``pip install aliyun-log-python-sdk`` and posts to a remote log service at import
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.layers import PrincipalConv2d, PrincipalLayer, PrincipalLinear
+from ...engine.layers import PrincipalConv2d, PrincipalLayer, PrincipalLinear
 from .mnn_sandbox import INPUT, OUTPUT, ParseLimits, graph_module, read_isolated
 
 log = logging.getLogger("fedml_prism")
@@ -349,8 +349,8 @@ def read_trained(path: str, graph: MnnGraph, sent: Mapping[str, Tensor],
     sent) with every parameter the device trained replaced by its trained value.
 
     The file is a device's upload: it is parsed in a child process with ``limits``
-    (:func:`~fedml_prism.runtimes.mnn_sandbox.read_isolated`). ``ValueError`` (an
-    :class:`~fedml_prism.runtimes.mnn_sandbox.UnreadableGraph` for parser failures) names what is wrong: another
+    (:func:`~fedml_prism.runtimes.cross_device.mnn_sandbox.read_isolated`). ``ValueError`` (an
+    :class:`~fedml_prism.runtimes.cross_device.mnn_sandbox.UnreadableGraph` for parser failures) names what is wrong: another
     number of parameters or of values than the graph sent, or non-finite values."""
     params = read_isolated(path, [tuple(graph.shapes[k]) for k in graph.keys], limits)
     values: dict[str, Tensor] = {}

@@ -74,9 +74,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import yaml
 
-from ._fedml_import import silence_fedml_import_warnings
-from .security import SecuritySettings
-from .wire import MAGIC, MODEL_PARAMS, FrameCodec, WireError
+from .._fedml_import import silence_fedml_import_warnings
+from ..security import SecuritySettings
+from ..wire import MAGIC, MODEL_PARAMS, FrameCodec, WireError
 
 silence_fedml_import_warnings()
 from fedml.core.distributed.communication.base_com_manager import BaseCommunicationManager  # noqa: E402

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from ..engine.server import PrismClient, PrismServer, RunSettings
-from ..job import Job, load_data
-from ..workloads.models import create_model
-from ._fedml_import import silence_fedml_import_warnings
-from .fedml_env import init_fedml, security_settings
+from ...engine.server import PrismClient, PrismServer, RunSettings
+from ...job import Job, load_data
+from ...workloads.models import create_model
+from .._fedml_import import silence_fedml_import_warnings
+from ..fedml_env import init_fedml, security_settings
 
 log = logging.getLogger("fedml_prism")
 
@@ -97,7 +97,7 @@ def run_cross_silo(job: Job, rank: int, role: str, run_id: str, resume: bool = F
 def _serve(job: Job, args: Any, model: torch.nn.Module, device: torch.device, fedml_data: list, dataset: list,
            resume: bool) -> None:
     """Rank 0: the PriSM server, from its checkpoint when ``resume`` (loaded before any bundle is made)."""
-    from .fedml_glue import PrismServerAggregator
+    from ..fedml_glue import PrismServerAggregator
 
     server = PrismServer(model, job.prism, job.settings, fedml_data[3], device)
     if resume and not server.load_checkpoint():
@@ -112,8 +112,8 @@ def _serve(job: Job, args: Any, model: torch.nn.Module, device: torch.device, fe
 
 def _work(job: Job, args: Any, model: torch.nn.Module, device: torch.device, fedml_data: list, dataset: list) -> None:
     """Ranks 1..K: a worker training the PriSM clients the server assigns it each round."""
+    from ..fedml_glue import PrismClientTrainer
     from .client_manager import run_client
-    from .fedml_glue import PrismClientTrainer
 
     client = PrismClient(model, job.prism, job.settings, fedml_data[5], device)
     trainer = PrismClientTrainer(model, args, client)

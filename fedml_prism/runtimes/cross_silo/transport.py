@@ -12,8 +12,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .security import SecuritySettings
-from .wire import FrameCodec
+from ..security import SecuritySettings
+from ..wire import FrameCodec
 
 log = logging.getLogger("fedml_prism")
 

@@ -18,7 +18,7 @@ protocol and classes, and adds:
 - a worker's hello (an ONLINE status without the server's session: it has not heard from this server
   process yet, or it is a recording replayed into a restarted server) is answered only with FedML's
   status question, never counted as online: the answer, carrying this server's session, is;
-- PriSM's own transports for gRPC and MQTT_S3 (:mod:`fedml_prism.runtimes.transport`: no pickle, checked
+- PriSM's own transports for gRPC and MQTT_S3 (:mod:`fedml_prism.runtimes.cross_silo.transport`: no pickle, checked
   frames), and checks on every upload before FedML's handler sees it: a known sender, the round and
   session the server sent (no stale or replayed round), a bundle holding only the PriSM clients this
   server gave that worker; a message that still makes a handler fail is logged and dropped, never
@@ -40,10 +40,10 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from ..engine.server import Deadline
-from ._fedml_import import silence_fedml_import_warnings
+from ...engine.server import Deadline
+from .._fedml_import import silence_fedml_import_warnings
+from ..wire import WIRE_ROUND, WIRE_SESSION
 from .transport import SAFE_BACKENDS
-from .wire import WIRE_ROUND, WIRE_SESSION
 
 silence_fedml_import_warnings()
 from fedml.core.distributed.communication.message import Message  # noqa: E402  (after the warnings filter)

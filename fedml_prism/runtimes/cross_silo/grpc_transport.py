@@ -45,9 +45,9 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from ._fedml_import import silence_fedml_import_warnings
-from .security import SecuritySettings
-from .wire import FrameCodec, WireError
+from .._fedml_import import silence_fedml_import_warnings
+from ..security import SecuritySettings
+from ..wire import FrameCodec, WireError
 
 silence_fedml_import_warnings()
 from fedml.core.distributed.communication.base_com_manager import BaseCommunicationManager  # noqa: E402

@@ -23,7 +23,7 @@ import platform
 import time
 from typing import Any
 
-from ._fedml_import import silence_fedml_import_warnings
+from .._fedml_import import silence_fedml_import_warnings
 
 silence_fedml_import_warnings()
 from fedml.core.distributed.communication.message import Message  # noqa: E402  (after the warnings filter)
@@ -92,7 +92,7 @@ class PrismClientManager(ClientMasterManager):
 
     def send_message(self, message: Any) -> None:
         """Send ``message``; a failure is retried with a growing pause, then the message is dropped (logged)."""
-        from .wire import WireError
+        from ..wire import WireError
 
         what = f"message type {message.get_type()!r} to {message.get_receiver_id()!r}"
         for attempt in range(1, SEND_ATTEMPTS + 1):

@@ -5,7 +5,7 @@ The server is FedML 0.9.6's cross-device ``FedMLServerManager`` (``cross_device/
 
 - **one graph per device.** FedML uploads one global ``.mnn`` file and sends every device the same
   S3 key (``send_init_msg`` reuses the first URL/key). Here each selected device's sub-model is
-  exported as its own MNN graph (:class:`~fedml_prism.runtimes.mnn_export.MnnExporter`) and uploaded under
+  exported as its own MNN graph (:class:`~fedml_prism.runtimes.cross_device.mnn_export.MnnExporter`) and uploaded under
   its own key; the server remembers which principal components each device got and the graph's
   parameter map, and maps the trained graph back onto the sub-model's payload for Eq. 3;
 - **a start message devices can use.** FedML's local ``start_train`` sends a fixed ``runId`` of 189
@@ -23,7 +23,7 @@ The server is FedML 0.9.6's cross-device ``FedMLServerManager`` (``cross_device/
   (``head_object``) against ``security_args.max_message_mb`` before it is downloaded, to a file name
   the server makes in its cache folder; ``num_samples`` must be an integer in ``[1, MAX_SAMPLES]``;
   the graph is parsed in a child process with a time and a memory limit
-  (:mod:`fedml_prism.runtimes.mnn_sandbox`) and its parameters are checked (count, shapes, float32, finite)
+  (:mod:`fedml_prism.runtimes.cross_device.mnn_sandbox`) and its parameters are checked (count, shapes, float32, finite)
   before the engine's own checks. Each refusal is logged with its reason and the round goes on; no
   handler lets an exception out of the message loop. The server's uploads are private (no
   ``public-read`` ACL); devices download them with the bucket's credentials, as the SDK does.
@@ -54,9 +54,9 @@ FedML defects worked around here (FedML's files are not edited):
   and the file is later deleted by that name), any size, from any topic's claimed sender; FedML's
   receive path is replaced by :class:`PrismMnnCommManager`'s (see above).
 - ``cross_device/server_mnn/utils.py:18``: ``load_module(..., False)`` exposes no parameters under
-  MNN 3.x; graphs are read with ``for_training=True`` (:func:`fedml_prism.runtimes.mnn_export.load_module`).
+  MNN 3.x; graphs are read with ``for_training=True`` (:func:`fedml_prism.runtimes.cross_device.mnn_export.load_module`).
 - ``cross_device/server_mnn/fedml_aggregator.py:255``: ``loss.read()`` fails in MNN evaluation; the
-  server evaluates the dense PyTorch model instead, and :func:`fedml_prism.runtimes.mnn_export.evaluate_graph`
+  server evaluates the dense PyTorch model instead, and :func:`fedml_prism.runtimes.cross_device.mnn_export.evaluate_graph`
   computes the loss from the probabilities.
 """
 
@@ -74,11 +74,11 @@ from typing import Any
 
 import torch
 
-from ..engine.principal import ClientUpdate
-from ..engine.server import MAX_SAMPLES, Deadline, PrismServer
-from ..job import Job, edge_ids, input_shape, load_data
-from ..workloads.models import create_model
-from ._fedml_import import silence_fedml_import_warnings
+from ...engine.principal import ClientUpdate
+from ...engine.server import MAX_SAMPLES, Deadline, PrismServer
+from ...job import Job, edge_ids, input_shape, load_data
+from ...workloads.models import create_model
+from .._fedml_import import silence_fedml_import_warnings
 from .mnn_sandbox import ParseLimits
 
 log = logging.getLogger("fedml_prism")
@@ -100,7 +100,8 @@ class Rejected(ValueError):
 
 def upload_key_pattern(run_id: Any, server_id: Any, edge: int) -> re.Pattern:
     """The S3 keys device ``edge`` uploads under: the topic it downloads on, ``-``, 32 hex digits
-    (the Android SDK's ``topic + "-" + UUID`` without dashes; :class:`~fedml_prism.runtimes.device.ReferenceDevice`)."""
+    (the Android SDK's ``topic + "-" + UUID`` without dashes;
+    :class:`~fedml_prism.runtimes.cross_device.device.ReferenceDevice`)."""
     return re.compile(re.escape(f"fedml_{run_id}_{server_id}_{edge}-") + "[0-9a-f]{32}")
 
 
@@ -654,7 +655,7 @@ def fedml_args(job: Job, run_id: str) -> Any:
 
 def run_server(job: Job, run_id: str) -> int:
     """The PriSM cross-device server, until every device has FINISHED (or the deadlines passed)."""
-    from .fedml_env import init_fedml, security_settings
+    from ..fedml_env import init_fedml, security_settings
     from .mnn_export import MnnExporter
 
     security = security_settings(job, 0)  # max_message_mb; broker and S3 credentials scrubbed from the logs
@@ -674,7 +675,7 @@ def run_server(job: Job, run_id: str) -> int:
 
 
 def run_device(job: Job, edge_id: int) -> int:
-    """A reference device (:mod:`fedml_prism.runtimes.device`) serving edge ``edge_id`` of this job."""
+    """A reference device (:mod:`fedml_prism.runtimes.cross_device.device`) serving edge ``edge_id`` of this job."""
     from .device import ReferenceDevice
 
     if edge_id not in edge_ids(job):
