@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from fedml_prism.workloads import datasets
 from fedml_prism.workloads.datasets import (
     LOADERS,
     SHAKESPEARE_BOS,
@@ -22,6 +21,7 @@ from fedml_prism.workloads.datasets import (
     SHAKESPEARE_OOV,
     SHAKESPEARE_VOCAB_SIZE,
     Arrays,
+    archives,
     build_vocab,
     load_cifar10,
     load_fedml_h5,
@@ -168,7 +168,7 @@ def test_cifar10_tar_xz_extracts_once_into_cache(tmp_path: Path, monkeypatch: py
     def no_reextraction(*args: object, **kwargs: object) -> None:
         raise AssertionError("archive opened again")
 
-    monkeypatch.setattr(datasets.tarfile, "open", no_reextraction)
+    monkeypatch.setattr(archives.tarfile, "open", no_reextraction)
     second = load_cifar10(archive, cache_dir=cache)
     assert list(cache.iterdir()) == extracted
     assert torch.equal(first.x_train, second.x_train) and torch.equal(first.y_test, second.y_test)
@@ -276,7 +276,7 @@ def test_imdb_tar_gz_extracts_once_into_cache(tmp_path: Path, monkeypatch: pytes
     archive = _tar(root, tmp_path / "aclImdb_v1.tar.gz", "w:gz")
     cache = tmp_path / "cache"
     first = load_imdb(archive, vocab_size=3, max_len=4, cache_dir=cache)
-    monkeypatch.setattr(datasets.tarfile, "open", lambda *a, **k: pytest.fail("archive opened again"))
+    monkeypatch.setattr(archives.tarfile, "open", lambda *a, **k: pytest.fail("archive opened again"))
     second = load_imdb(archive, vocab_size=3, max_len=4, cache_dir=cache)
     assert len(list(cache.iterdir())) == 1 and torch.equal(first.x_train, second.x_train)
 
