@@ -14,7 +14,8 @@ import fedml_prism
 # the only modules that may import FedML when imported: they subclass FedML's classes
 FEDML_GLUE = {"fedml_glue", "runtimes.fedml_glue", "runtimes.cross_silo.server_manager",
               "runtimes.cross_silo.client_manager", "runtimes.cross_silo.grpc_transport",
-              "runtimes.cross_silo.mqtt_transport"}
+              "runtimes.cross_silo.mqtt_transport", "runtimes.cross_device.server_manager",
+              "runtimes.cross_device.comm_manager"}
 PACKAGE = Path(fedml_prism.__file__).parent
 
 

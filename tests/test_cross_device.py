@@ -167,10 +167,9 @@ def test_a_broker_reconnect_before_the_start_neither_resamples_nor_postpones_it(
     import threading
 
     from fedml_prism.engine.server import Deadline
-    from fedml_prism.runtimes.cross_device.launch import _server_manager_class
+    from fedml_prism.runtimes.cross_device.server_manager import PrismMNNServerManager
 
-    cls = _server_manager_class()
-    manager = cls.__new__(cls)
+    manager = PrismMNNServerManager.__new__(PrismMNNServerManager)
     manager.lock, manager._listening, manager.is_initialized, manager._done = threading.RLock(), True, False, False
     manager._announcer, manager.start_deadline, manager.start_timeout_s = None, Deadline(), 60.0
     manager.deadline = Deadline()

@@ -27,9 +27,9 @@ from runtime_utils import BIN, MODEL_KWARGS, free_ports, metrics, start, start_b
 
 from fedml_prism import PrincipalModel, PrismConfig
 from fedml_prism.engine.server import MAX_SAMPLES
-from fedml_prism.runtimes.cross_device.launch import _discard, sample_count_problem, upload_key_pattern
 from fedml_prism.runtimes.cross_device.mnn_export import MnnExporter, read_parameters, read_trained, train_graph
 from fedml_prism.runtimes.cross_device.mnn_sandbox import ParseLimits, UnreadableGraph, read_isolated
+from fedml_prism.runtimes.cross_device.protocol import _discard, sample_count_problem, upload_key_pattern
 from fedml_prism.workloads.models import create_model
 
 pytestmark = pytest.mark.timeout(300)

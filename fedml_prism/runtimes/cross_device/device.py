@@ -16,7 +16,7 @@ against a runnable example:
   "receiver": 0}``; ``{"model_params": <S3 key>, "client_idx": "<str>", "num_samples": n,
   "msg_type": 3, "sender": edge, "receiver": 0}``. Uploaded keys: ``<download topic>-<32 hex>``
   (the SDK's ``topic + "-" + UUID``), the only keys the server accepts from this edge
-  (:func:`fedml_prism.runtimes.cross_device.launch.upload_key_pattern`); uploads carry no ACL (private objects).
+  (:func:`fedml_prism.runtimes.cross_device.protocol.upload_key_pattern`); uploads carry no ACL (private objects).
 - Training: :func:`fedml_prism.runtimes.cross_device.mnn_export.train_graph` (MNN's Python training API, as the SDK's
   ``FedMLMNNTrainer.cpp``: SGD momentum 0.1, no weight decay, ``learning_rate``/``epochs``/
   ``batch_size`` from ``train_args``), on the data partition ``client_idx`` of the job's dataset.
