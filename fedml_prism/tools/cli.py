@@ -80,34 +80,22 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench import aggregate_rows, markdown_table, parse_partition, resolve_profile, run_bench
     from .run import _setup_logging
 
     _setup_logging()
+    label, _ = resolve_profile(args.profile)  # a bad name or profile file: exit 2 before any work
     overrides = {
         "strategies": args.strategies.split(",") if args.strategies else None,
         "keep_ratios": [_ratio(k) for k in args.keep_ratios.split(",")] if args.keep_ratios else None,
-        "partitions": [_partition(p) for p in args.partitions.split(",")] if args.partitions else None,
+        "partitions": [parse_partition(p) for p in args.partitions.split(",")] if args.partitions else None,
         "seeds": [int(s) for s in args.seeds.split(",")] if args.seeds else None,
         "rounds": args.rounds,
         "data_path": args.data_path,
     }
-    rows = run_bench(args.profile, args.out or f"outputs/bench_{args.profile}", overrides, match=args.match)
-    from .bench import aggregate_rows, markdown_table
-
+    rows = run_bench(args.profile, args.out or f"outputs/bench_{label}", overrides, match=args.match)
     print(markdown_table(aggregate_rows(rows)))
     return 0
-
-
-def _partition(text: str) -> tuple[str, float | None]:
-    if text == "iid":
-        return ("iid", None)
-    if text.startswith("dirichlet"):
-        try:
-            return ("dirichlet", float(text[len("dirichlet"):]))
-        except ValueError:
-            pass
-    raise ValueError(f"--partitions entry {text!r} is invalid: allowed iid or dirichletALPHA (e.g. dirichlet0.1)")
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
@@ -228,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     costs.set_defaults(func=cmd_costs)
 
     bench = sub.add_parser("bench", help="strategies side by side: results.json, results.md, plots")
-    bench.add_argument("--profile", default="smoke", help="smoke | cpu | paper")
-    bench.add_argument("--out", default=None, help="output folder (default outputs/bench_PROFILE)")
+    bench.add_argument("--profile", default="smoke",
+                       help="a shipped profile (config/bench/NAME.yaml: smoke, cpu, fidelity, fidelity_long, "
+                            "fidelity_methods, paper) or the path of a profile .yaml file, e.g. an edited copy of one")
+    bench.add_argument("--out", default=None,
+                       help="output folder (default outputs/bench_NAME: the profile's name, or its file's without .yaml)")
     bench.add_argument("--strategies", default=None, help="comma list, e.g. full,prism,orthdrop")
     bench.add_argument("--keep-ratios", default=None, help="comma list, e.g. 0.2,0.4")
     bench.add_argument("--partitions", default=None, help="comma list of iid, dirichletALPHA")
