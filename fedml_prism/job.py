@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
-from .engine.config import ALL_STRATEGIES, OTHER_METHODS, PrismConfig
+from .engine.config import PrismConfig
 from .engine.server import RunSettings
+from .strategies import ALL_STRATEGIES, OTHER_METHODS
 from .runtimes.cross_device.mnn_sandbox import ParseLimits
 from .runtimes.security import KEYS as SECURITY_KEYS
 from .runtimes.security import SecuritySettings

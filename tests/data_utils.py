@@ -82,8 +82,11 @@ class Interrupted(Exception):
 
 
 def interrupt_at_round(monkeypatch, module, round_idx: int) -> None:
-    """Make ``module.select_clients`` raise :class:`Interrupted` when round ``round_idx`` (0-based) opens:
-    the run stops after its checkpoint of the rounds before."""
+    """Make the round driver's ``select_clients`` raise :class:`Interrupted` when round ``round_idx``
+    (0-based) of ``module``'s run opens: the run stops after its checkpoint of the rounds before."""
+    from fedml_prism.strategies import driver
+
+    module = driver  # every in-process method's rounds open in the driver
     real = module.select_clients
 
     def stop(seed, r, total, per_round):

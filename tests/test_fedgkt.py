@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedml_prism.engine.rounds import read_checkpoint
 from fedml_prism.engine.server import RunSettings, select_clients
 from fedml_prism.strategies import base, fedgkt
 from fedml_prism.workloads.data import load_federated
@@ -236,8 +237,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, small_digits, monkeypa
     fedgkt.run(_digits_cnn(), digits, _settings(split, 2), opts, seed=5, device="cpu")
     resumed = fedgkt.run(_digits_cnn(), digits, _settings(split, 4), opts, seed=5, resume=True, device="cpu")
 
-    a, b = base.load_checkpoint(straight), base.load_checkpoint(split)
-    assert a["rounds_done"] == b["rounds_done"] == 4
+    a, b = read_checkpoint(straight, "fedgkt", None), read_checkpoint(split, "fedgkt", None)
+    assert a["round"] == b["round"] == 4 and a["method"] == "fedgkt"
     assert a["server"].keys() == b["server"].keys()
     assert all(torch.equal(a["server"][k], b["server"][k]) for k in a["server"])
     assert all(torch.equal(a["server_momentum"][k], b["server_momentum"][k]) for k in a["server_momentum"])

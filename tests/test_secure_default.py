@@ -185,8 +185,8 @@ def test_rewritten_key_files_are_private_whatever_their_old_mode(tmp_path) -> No
 
 
 def test_checkpoints_and_metrics_are_private(tmp_path) -> None:
-    """The engine's files (a PriSM sp run) and the other methods' (base.save_checkpoint / metrics)."""
-    from fedml_prism.strategies.base import MetricsLog, save_checkpoint
+    """The engine's files (a PriSM sp run) and the writers every method's rounds use."""
+    from fedml_prism.engine.rounds import RunLog, write_checkpoint
 
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "sp.yaml", train_args={"comm_round": 1},
@@ -196,8 +196,8 @@ def test_checkpoints_and_metrics_are_private(tmp_path) -> None:
         assert cli_main(["run", "--cf", str(cfg)]) == 0
         method = tmp_path / "method"
         method.mkdir()
-        save_checkpoint(str(method), {"round": 1})
-        MetricsLog(str(method), "layerwise").add(0, 0.0)
+        write_checkpoint(str(method), "layerwise", {}, 1, [], {"model": {}})
+        RunLog(str(method), "layerwise").add(0, 0.0)
     finally:
         os.umask(old)
     written = [p for p in [*out.rglob("*"), *method.iterdir()] if p.is_file() and p.suffix in (".pt", ".json", ".csv")]

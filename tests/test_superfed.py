@@ -15,6 +15,7 @@ import torch
 from data_utils import Interrupted, interrupt_at_round
 from torch import nn
 
+from fedml_prism.engine.rounds import read_checkpoint
 from fedml_prism.engine.server import RunSettings
 from fedml_prism.strategies import base
 from fedml_prism.strategies import superfed as sf
@@ -282,11 +283,11 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
     interrupt_at_round(monkeypatch, sf, 2)
     with pytest.raises(Interrupted):
         sf.run(model(), data, _settings(tmp_path / "split", 4), options, seed=3)
-    assert base.load_checkpoint(str(tmp_path / "split"))["round"] == 2
+    assert read_checkpoint(str(tmp_path / "split"), "superfed", None)["round"] == 2
     monkeypatch.undo()
     resumed = sf.run(model(), data, _settings(tmp_path / "split", 4), options, seed=3, resume=True)
 
-    a, b = base.load_checkpoint(str(tmp_path / "whole")), base.load_checkpoint(str(tmp_path / "split"))
+    a, b = read_checkpoint(str(tmp_path / "whole"), "superfed", None), read_checkpoint(str(tmp_path / "split"), "superfed", None)
     assert a["supernet"].keys() == b["supernet"].keys()
     assert all(torch.equal(a["supernet"][k], b["supernet"][k]) for k in a["supernet"])
     assert a["counts"] == b["counts"]

@@ -16,11 +16,10 @@ PRINCIPAL_STRATEGIES = ("prism", "uniform", "orthdrop")
 #: Strategies that keep the dense model and cut original channels (or none for ``full``).
 CHANNEL_STRATEGIES = ("origdrop", "rolex", "full")
 STRATEGIES = PRINCIPAL_STRATEGIES + CHANNEL_STRATEGIES
-#: Other methods (``fedml_prism.strategies``: their own training loops, sp and bench only; options in
-#: the yaml's ``method_args`` section). A ``PrismConfig`` may name them so one config and one bench
-#: schedule serve every method; ``PrincipalModel`` refuses them.
-OTHER_METHODS = ("layerwise", "fedgkt", "superfed")
-ALL_STRATEGIES = STRATEGIES + OTHER_METHODS
+#: Names of methods defined above the engine (``fedml_prism.strategies`` registers its own with
+#: :func:`register_methods` when it is imported). A ``PrismConfig`` may name them so one config and one
+#: bench schedule serve every method; ``PrincipalModel`` refuses them. The engine knows none of them.
+_REGISTERED: list[str] = []
 WEIGHTINGS = ("uniform", "samples")
 SVD_DTYPES = ("float32", "float64")
 #: How a client's factors carry σ: ``frozen`` (the paper's text: unit ``u``, ``v`` trained, σ a frozen
@@ -50,6 +49,16 @@ def _check_ratio(name: str, value: Any) -> float:
     if not (0.0 < value <= 1.0) or math.isnan(value):
         _fail(name, value, "a number in (0, 1]")
     return value
+
+
+def register_methods(names: tuple[str, ...]) -> None:
+    """Let ``PrismConfig.strategy`` name methods defined above the engine (in their order, once each)."""
+    _REGISTERED.extend(n for n in names if n not in _REGISTERED and n not in STRATEGIES)
+
+
+def known_strategies() -> tuple[str, ...]:
+    """The engine's strategies, then the registered methods."""
+    return STRATEGIES + tuple(_REGISTERED)
 
 
 @dataclass(frozen=True)
@@ -122,8 +131,8 @@ class PrismConfig:
     activation_memory: str = "principal"
 
     def __post_init__(self) -> None:
-        if self.strategy not in ALL_STRATEGIES:
-            _fail("strategy", self.strategy, f"one of {', '.join(ALL_STRATEGIES)}")
+        if self.strategy not in known_strategies():
+            _fail("strategy", self.strategy, f"one of {', '.join(known_strategies())}")
         object.__setattr__(self, "keep_ratio", _check_ratio("keep_ratio", self.keep_ratio))
         if self.capacities is not None:
             object.__setattr__(self, "capacities", self._check_capacities(self.capacities))

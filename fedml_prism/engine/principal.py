@@ -32,7 +32,7 @@ from .aggregate import (
 )
 from .attention import convert_attention, restore_attention
 from .channels import ChannelPlan, channel_plan
-from .config import OTHER_METHODS, STRATEGIES, PrismConfig
+from .config import STRATEGIES, PrismConfig
 from .decompose import Factors, factorizable_layers
 from .layers import convert_static_bn
 from .rank import effective_kernels
@@ -106,7 +106,7 @@ class PrincipalModel:
 
     def __init__(self, model: nn.Module, config: PrismConfig | None = None) -> None:
         self.config = config or PrismConfig()
-        if self.config.strategy in OTHER_METHODS:
+        if self.config.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.config.strategy!r} is invalid for PrincipalModel: allowed "
                              f"{', '.join(STRATEGIES)} ({self.config.strategy} runs its own loop: fedml_prism.strategies)")
         model = copy.deepcopy(model).cpu()

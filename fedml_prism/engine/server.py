@@ -25,9 +25,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from .attention import convert_attention
 from .config import PrismConfig
-from .files import save_private, write_metrics
 from .layers import convert_static_bn
 from .principal import AggregateReport, ClientUpdate, PrincipalModel
+from .rounds import (
+    CHECKPOINT,
+    CHECKPOINT_SCHEMA,
+    RunLog,
+    checkpoints,
+    client_batches,
+    evaluates,
+    read_checkpoint,
+    round_lr,
+    write_checkpoint,
+)
 from .sampling import make_generator
 from .submodel import SubModel, meta_skeleton
 from .train import evaluate, local_train
@@ -186,13 +196,16 @@ class PrismServer:
         self.config, self.settings = config, settings
         self.pm = PrincipalModel(model, config)
         self.test_data, self.device = test_data, device
-        self.metrics: list[dict[str, Any]] = []
+        self.log = RunLog(settings.output_dir, config.strategy, nested=("layers",))  # per-layer: metrics.json only
         self.selected: list[int] = []
         self._bytes_down = 0
         self._dense_client_loss = float("nan")
         self._round_start = time.time()
-        self._run_start = time.time()
-        os.makedirs(settings.output_dir, exist_ok=True)
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The metrics rows of the rounds played so far."""
+        return self.log.rows
 
     @property
     def round_idx(self) -> int:
@@ -273,11 +286,8 @@ class PrismServer:
         else:
             report = self.pm.aggregate(valid)
         accepted = [u for u in valid if u.client_id in report.accepted]
-        row = self._metrics_row(r, report, accepted)
-        row["distinct_submodels"] = distinct
-        self.metrics.append(row)
-        self._write_metrics()
-        if (r + 1) % s.checkpoint_every == 0 or self.finished:
+        row = self.log.add(r, self._round_start, **self._metrics_fields(r, report, accepted), distinct_submodels=distinct)
+        if checkpoints(s, r):
             self.save_checkpoint()
         log.info(
             "round %d/%d | acc %s | loss %s | train %.4f | clients %d/%d | down %.2f MB up %.2f MB | %.1f s",
@@ -286,17 +296,13 @@ class PrismServer:
         )
         return row
 
-    def _metrics_row(self, r: int, report: AggregateReport, accepted: list[ClientUpdate]) -> dict[str, Any]:
+    def _metrics_fields(self, r: int, report: AggregateReport, accepted: list[ClientUpdate]) -> dict[str, Any]:
         acc = loss = float("nan")
-        last = r + 1 == self.settings.comm_round
-        if self.test_data is not None and ((r + 1) % self.settings.frequency_of_the_test == 0 or last):
+        if self.test_data is not None and evaluates(self.settings, r):
             acc, loss = evaluate(self.pm.dense_model(self.device), self.test_data, self.device)
         losses = [u.train_loss for u in accepted if u.train_loss == u.train_loss]
         starts = [u.start_loss for u in accepted if u.start_loss == u.start_loss]
-        now = time.time()
         return {
-            "round": r + 1,
-            "strategy": self.config.strategy,
             "test_acc": acc,
             "test_loss": loss,
             "train_loss": sum(losses) / len(losses) if losses else float("nan"),
@@ -307,27 +313,24 @@ class PrismServer:
             "coverage": report.coverage,
             "bytes_down": self._bytes_down,
             "bytes_up": sum(payload_bytes(u.payload) for u in accepted),
-            "round_s": now - self._round_start,
-            "elapsed_s": now - self._run_start,
             "layers": report.layers,
         }
-
-    def _write_metrics(self) -> None:
-        write_metrics(self.settings.output_dir, self.metrics, nested=("layers",))  # per-layer: metrics.json only
 
     # ---------------------------------------------------------------- checkpoints
     @property
     def checkpoint_path(self) -> str:
-        return os.path.join(self.settings.output_dir, "checkpoint.pt")
+        return os.path.join(self.settings.output_dir, CHECKPOINT)
 
     def save_checkpoint(self) -> None:
-        save_private(self.checkpoint_path, {"server": self.pm.state_dict(), "metrics": self.metrics})
+        # the identity is the config inside the server's state, compared with tolerance for new keys below
+        write_checkpoint(self.settings.output_dir, self.config.strategy, {}, self.round_idx, self.metrics,
+                         {"server": self.pm.state_dict()})
 
     def load_checkpoint(self) -> bool:
         """Continue from ``checkpoint.pt`` in the output dir; ``False`` if there is none."""
-        if not os.path.exists(self.checkpoint_path):
+        state = read_checkpoint(self.settings.output_dir, self.config.strategy, None, upgrade=_upgrade_checkpoint)
+        if state is None:
             return False
-        state = torch.load(self.checkpoint_path, weights_only=True)
         saved = state["server"]["config"]
         # a key the checkpoint lacks is an option added since it was written: the layer check of
         # PrincipalModel.load_state_dict still refuses a checkpoint of another layer set
@@ -336,7 +339,7 @@ class PrismServer:
             diff = sorted(k for k in saved if saved[k] != current.get(k))
             raise ValueError(f"checkpoint {self.checkpoint_path} was written with other prism_args ({', '.join(diff)}): {saved}")
         self.pm.load_state_dict(state["server"])
-        self.metrics = list(state["metrics"])
+        self.log = RunLog(self.settings.output_dir, self.config.strategy, list(state["metrics"]), nested=("layers",))
         log.info("resumed from %s after round %d", self.checkpoint_path, self.round_idx)
         return True
 
@@ -362,18 +365,11 @@ class PrismClient:
         dataset = data.dataset if isinstance(data, DataLoader) else data
         if not isinstance(dataset, Dataset):
             return data  # a plain iterable of batches: used as given
-        g = make_generator(self.config.seed, "data", round_idx, client_id)
-        loader = DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=True, generator=g)
-        if self.settings.augment == "flip_crop":
-            return FlipCrop(loader, make_generator(self.config.seed, "augment", round_idx, client_id))
-        return loader
+        return client_batches(dataset, self.settings, self.config.seed, round_idx, client_id)
 
     def learning_rate(self, round_idx: int) -> float:
-        """The round's learning rate (``cosine``: from ``learning_rate`` to 0 over ``comm_round``)."""
-        s = self.settings
-        if s.lr_schedule == "cosine":
-            return s.learning_rate * 0.5 * (1 + math.cos(math.pi * round_idx / s.comm_round))
-        return s.learning_rate
+        """The round's learning rate (:func:`~fedml_prism.engine.rounds.round_lr`)."""
+        return round_lr(self.settings, round_idx)
 
     def eval_batches(self, client_id: int) -> Iterable:
         """The client's data in order, in training-size batches (static BN normalizes per batch):
@@ -386,8 +382,7 @@ class PrismClient:
 
     def diagnose_round(self, round_idx: int) -> bool:
         """Whether round ``round_idx`` (0-based) records the loss diagnostics (evaluation rounds)."""
-        s = self.settings
-        return s.diagnostics and ((round_idx + 1) % s.frequency_of_the_test == 0 or round_idx + 1 == s.comm_round)
+        return self.settings.diagnostics and evaluates(self.settings, round_idx)
 
     def train(self, payload: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int, float, float]:
         """Train one ``down`` payload; returns the ``up`` payload, sample count, mean training loss
@@ -422,30 +417,13 @@ class PrismClient:
         return pack_bundle(out)
 
 
-def flip_crop(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random horizontal flip and 4-pixel-padded random crop of an image batch (paper appendix A),
-    drawn from ``generator``."""
-    n, _, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    dx = torch.randint(0, 9, (n,), generator=generator)
-    dy = torch.randint(0, 9, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, x.shape[1], h, w + 8)
-    x = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
-    return x.gather(3, cols)
-
-
-class FlipCrop:
-    """A loader's image batches through :func:`flip_crop`, drawn from a seeded generator."""
-
-    def __init__(self, loader: DataLoader, generator: torch.Generator) -> None:
-        self.loader, self.g = loader, generator
-
-    def __iter__(self):
-        for x, y in self.loader:
-            yield flip_crop(x, self.g), y
+def _upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any] | None:
+    """A PriSM checkpoint of schema 1 (``{"server", "metrics"}``) in today's layout; its identity, the
+    config in the server's state, is compared by :meth:`PrismServer.load_checkpoint`."""
+    if set(state) != {"server", "metrics"}:
+        return None
+    return {"schema": CHECKPOINT_SCHEMA, "method": state["server"]["config"]["strategy"], "identity": {},
+            "round": int(state["server"]["rounds_done"]), **state}
 
 
 def _fmt(x: float) -> str:

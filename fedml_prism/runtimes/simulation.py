@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..engine.config import OTHER_METHODS, PrismConfig
+from ..engine.config import PrismConfig
 from ..engine.costs import layer_costs
 from ..engine.files import write_private_bytes
 from ..engine.server import PrismClient, PrismServer
+from ..strategies import OTHER_METHODS
 from ..engine.train import evaluate
 from ..job import Job, load_data
 from ..workloads.models import create_model

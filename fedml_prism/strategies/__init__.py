@@ -20,8 +20,13 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
-from ..engine.config import ALL_STRATEGIES, CHANNEL_STRATEGIES, OTHER_METHODS, PRINCIPAL_STRATEGIES, STRATEGIES
+from ..engine.config import CHANNEL_STRATEGIES, PRINCIPAL_STRATEGIES, STRATEGIES, register_methods
 from .base import WEIGHTS_ONLY, options_from
+
+#: The other methods, one module each here (their rounds: :mod:`fedml_prism.strategies.driver`)
+OTHER_METHODS = ("layerwise", "fedgkt", "superfed")
+ALL_STRATEGIES = STRATEGIES + OTHER_METHODS
+register_methods(OTHER_METHODS)
 
 __all__ = ["ALL_STRATEGIES", "CHANNEL_STRATEGIES", "OTHER_METHODS", "PRINCIPAL_STRATEGIES", "STRATEGIES",
            "method_module", "method_options", "setting_of"]

@@ -7,22 +7,20 @@ option errors, and client costs measured rather than counted: trained parameters
 the peak resident memory of a training step in a fresh process.
 
 A method module provides ``run(model, data, settings, options, seed, *, resume=False,
-progress=False) -> MethodRun`` and a ``SETTING`` label (what travels, what a client trains).
+progress=False) -> MethodRun`` (its method class under :func:`~fedml_prism.strategies.driver.drive`, which
+writes the metrics and the checkpoint through :mod:`fedml_prism.engine.rounds`) and a ``SETTING`` label
+(what travels, what a client trains).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
-
-from ..engine.files import save_private, write_metrics
 
 #: the "setting" column of bench tables: what a method shares and what a client trains
 WEIGHTS_ONLY = "weights only"
@@ -59,40 +57,6 @@ def check_range(name: str, value: Any, lo: float, hi: float, *, integer: bool = 
         bracket = "(" if low_open else "["
         what = "an integer" if integer else "a number"
         raise ValueError(f"{name}={value!r} is invalid: allowed {what} in {bracket}{lo:g}, {hi:g}]")
-
-
-class MetricsLog:
-    """Per-round rows in PrismServer's schema, written after every round (JSON and CSV, atomically)."""
-
-    def __init__(self, out_dir: str, strategy: str, rows: list[dict[str, Any]] | None = None) -> None:
-        self.out_dir, self.strategy = out_dir, strategy
-        self.rows: list[dict[str, Any]] = list(rows or [])
-        self._start = time.time() - (self.rows[-1]["elapsed_s"] if self.rows else 0.0)
-        os.makedirs(out_dir, exist_ok=True)
-
-    def add(self, round_idx: int, round_start: float, *, test_acc: float = float("nan"),
-            test_loss: float = float("nan"), train_loss: float = float("nan"), clients: int = 0,
-            bytes_down: int = 0, bytes_up: int = 0, **extra: Any) -> dict[str, Any]:
-        now = time.time()
-        row = {"round": round_idx + 1, "strategy": self.strategy, "test_acc": test_acc, "test_loss": test_loss,
-               "train_loss": train_loss, "clients": clients, "bytes_down": int(bytes_down), "bytes_up": int(bytes_up),
-               "round_s": now - round_start, "elapsed_s": now - self._start, **extra}
-        self.rows.append(row)
-        write_metrics(self.out_dir, self.rows)
-        return row
-
-
-def save_checkpoint(out_dir: str, state: Mapping[str, Any]) -> None:
-    """``checkpoint.pt`` in ``out_dir``, atomically (tensors, numbers, strings, lists and dicts only:
-    it is read back with ``weights_only=True``)."""
-    save_private(os.path.join(out_dir, "checkpoint.pt"), dict(state))
-
-
-def load_checkpoint(out_dir: str) -> dict[str, Any] | None:
-    path = os.path.join(out_dir, "checkpoint.pt")
-    if not os.path.exists(path):
-        return None
-    return torch.load(path, weights_only=True)
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

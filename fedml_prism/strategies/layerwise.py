@@ -51,8 +51,6 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -64,12 +62,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..engine.costs import layer_costs
+from ..engine.rounds import client_batches
 from ..engine.sampling import make_generator
-from ..engine.server import FlipCrop, RunSettings, select_clients
+from ..engine.server import RunSettings
 from ..engine.train import evaluate, local_train
 from ..workloads.data import FederatedData
 from ..workloads.models import CNN, BasicBlock, ResNetCifar
 from . import base
+from .driver import drive
 
 log = logging.getLogger("fedml_prism")
 
@@ -371,117 +371,103 @@ def client_costs(
 
 
 # ------------------------------------------------------------------------------------------ the run
-def _learning_rate(settings: RunSettings, round_idx: int) -> float:
-    """As the PriSM clients: constant, or cosine from ``learning_rate`` to 0 over ``comm_round``."""
-    if settings.lr_schedule == "cosine":
-        return settings.learning_rate * 0.5 * (1 + math.cos(math.pi * round_idx / settings.comm_round))
-    return settings.learning_rate
+class Layerwise:
+    """The method under :func:`~fedml_prism.strategies.driver.drive`: stage by stage, see the module docstring."""
 
+    name = STRATEGY
+    eval_fields = ("test_acc", "test_loss")
 
-def _batches(data: FederatedData, settings: RunSettings, seed: int, round_idx: int, cid: int) -> Any:
-    """The client's shuffled batches, seeded as the PriSM clients' (same order for the same client and round)."""
-    loader = DataLoader(data.client_dataset(cid), batch_size=settings.batch_size, shuffle=True,
-                        generator=make_generator(seed, "data", round_idx, cid))
-    if settings.augment == "flip_crop":
-        return FlipCrop(loader, make_generator(seed, "augment", round_idx, cid))
-    return loader
+    def __init__(self, model: nn.Module, data: FederatedData, settings: RunSettings, options: Options, seed: int) -> None:
+        self.model, self.data, self.settings, self.opts, self.seed = model, data, settings, options, seed
+        self.blocks = split_model(model, data.x_test[:2])
+        self.stages = len(self.blocks) - 1
+        self.schedule = stage_schedule(settings.comm_round, self.stages, options.rounds_per_stage)
+        self.head: nn.Module | None = None
+        self.head_stage = -1
+        self.test = DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=256)
+        if options.depth_dropout and not any(b.identity_shaped for b in self.blocks[:-2]):
+            log.warning("layerwise: depth_dropout=%g has no effect: %s has no identity-shaped block to drop",
+                        options.depth_dropout, type(model).__name__)
 
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"options": asdict(self.opts), "schedule": self.schedule, "seed": self.seed,
+                "blocks": [b.name for b in self.blocks]}
 
-def run(
-    model: nn.Module,
-    data: FederatedData,
-    settings: RunSettings,
-    options: Mapping[str, Any],
-    seed: int,
-    *,
-    resume: bool = False,
-    progress: bool = False,
-) -> base.MethodRun:
-    """Train ``model`` (in place) stage by stage; see the module docstring."""
-    opts: Options = base.options_from(Options, options)
-    blocks = split_model(model, data.x_test[:2])
-    stages = len(blocks) - 1
-    schedule = stage_schedule(settings.comm_round, stages, opts.rounds_per_stage)
-    fingerprint = {"options": asdict(opts), "schedule": schedule, "seed": seed, "blocks": [b.name for b in blocks]}
-    if opts.depth_dropout and not any(b.identity_shaped for b in blocks[:-2]):
-        log.warning("layerwise: depth_dropout=%g has no effect: %s has no identity-shaped block to drop",
-                    opts.depth_dropout, type(model).__name__)
-    out_dir = settings.output_dir
-    start_round, head, head_stage, rows = 0, None, -1, []
-    state = base.load_checkpoint(out_dir) if resume else None
-    if state is not None:
-        if state["fingerprint"] != fingerprint:
-            diff = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
-            raise ValueError(f"checkpoint in {out_dir} was written by another layerwise run ({', '.join(diff)} differ)")
-        model.load_state_dict(state["model"])
-        start_round, head_stage, rows = int(state["round"]), int(state["head_stage"]), list(state["rows"])
-        if head_stage == stages - 1:
-            head = blocks[-1].module
-        elif head_stage >= 0:
-            head = make_aux_head(blocks[head_stage], data.num_classes, opts.aux_head_hidden, seed, head_stage)
-            head.load_state_dict(state["head"])
-        log.info("layerwise: resumed from %s after round %d", out_dir, start_round)
-    elif resume:
-        log.info("layerwise: no checkpoint in %s, starting afresh", out_dir)
-    metrics = base.MetricsLog(out_dir, STRATEGY, rows)
-    test = DataLoader(TensorDataset(data.x_test, data.y_test), batch_size=256)
+    def _use_head(self, stage: int) -> nn.Module:
+        """The head of ``stage``: the model's classifier on the last stage, else a fresh auxiliary head."""
+        if self.head_stage != stage:
+            self.head = self.blocks[-1].module if stage == self.stages - 1 else make_aux_head(
+                self.blocks[stage], self.data.num_classes, self.opts.aux_head_hidden, self.seed, stage)
+            self.head_stage = stage
+        return self.head
 
-    for r in range(start_round, settings.comm_round):
-        round_start = time.time()
-        s = stage_of(r, schedule)
-        last = s == stages - 1
-        if head_stage != s:
-            head = blocks[-1].module if last else make_aux_head(blocks[s], data.num_classes, opts.aux_head_hidden, seed, s)
-            head_stage = s
-        skippable = [b.identity_shaped for b in blocks[:s]]
-        uploads, weights, losses, dropped_total = [], [], [], 0
-        bytes_down = bytes_up = 0
-        for cid in select_clients(seed, r, settings.client_num_in_total, settings.client_num_per_round):
-            dropped = depth_dropout_mask(skippable, opts.depth_dropout, make_generator(seed, "depth", r, cid))
-            net = client_net(blocks, s, head, dropped)
+    def play_round(self, round_idx: int, clients: list[int], lr: float) -> dict[str, Any]:
+        s = stage_of(round_idx, self.schedule)
+        head, settings = self._use_head(s), self.settings
+        skippable = [b.identity_shaped for b in self.blocks[:s]]
+        uploads, weights, losses, dropped_total, bytes_down, bytes_up = [], [], [], 0, 0, 0
+        for cid in clients:
+            dropped = depth_dropout_mask(skippable, self.opts.depth_dropout, make_generator(self.seed, "depth", round_idx, cid))
+            net = client_net(self.blocks, s, head, dropped)
             bytes_down += base.tensor_bytes(net.state_dict().values())
             dropped_total += sum(dropped)
             stats = local_train(
-                net, _batches(data, settings, seed, r, cid), epochs=settings.epochs, lr=_learning_rate(settings, r),
-                momentum=settings.momentum, weight_decay=settings.weight_decay, reg_lambda=0.0,
-                clip_norm=settings.clip_grad_norm or None,
-            )
+                net, client_batches(self.data.client_dataset(cid), settings, self.seed, round_idx, cid),
+                epochs=settings.epochs, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay,
+                reg_lambda=0.0, clip_norm=settings.clip_grad_norm or None)
             up = net.trained_state()
             bytes_up += base.tensor_bytes(up.values())
             if stats.samples == 0:
                 continue  # nothing learned: it sent back what it got
             uploads.append(up)
-            weights.append(float(len(data.client_indices[cid])) if opts.weighting == "samples" else 1.0)
+            weights.append(float(len(self.data.client_indices[cid])) if self.opts.weighting == "samples" else 1.0)
             losses.append(stats.loss)
         if uploads:
             new = fedavg(uploads, weights)
-            blocks[s].module.load_state_dict({k.removeprefix("block."): v for k, v in new.items() if k.startswith("block.")})
+            self.blocks[s].module.load_state_dict({k.removeprefix("block."): v for k, v in new.items() if k.startswith("block.")})
             head.load_state_dict({k.removeprefix("head."): v for k, v in new.items() if k.startswith("head.")})
-        acc = loss = float("nan")
-        if (r + 1) % settings.frequency_of_the_test == 0 or r + 1 == settings.comm_round:
-            acc, loss = evaluate(model if last else StageNet([b.module for b in blocks[:s]], blocks[s].module, head), test)
-        clients = settings.client_num_per_round
-        row = metrics.add(
-            r, round_start, test_acc=acc, test_loss=loss, train_loss=sum(losses) / len(losses) if losses else float("nan"),
-            clients=len(uploads), bytes_down=bytes_down, bytes_up=bytes_up,
-            stage=s + 1, block=blocks[s].name, dropped_blocks=dropped_total / clients,
-        )
-        if (r + 1) % settings.checkpoint_every == 0 or r + 1 == settings.comm_round:
-            base.save_checkpoint(out_dir, {
-                "fingerprint": fingerprint, "round": r + 1, "model": model.state_dict(), "head_stage": head_stage,
-                "head": head.state_dict() if not last else {}, "rows": metrics.rows,
-            })
-        (log.info if progress else log.debug)(
-            "layerwise round %d/%d | stage %d/%d (%s) | acc %.4f | train %.4f | down %.2f MB up %.2f MB",
-            r + 1, settings.comm_round, s + 1, stages, blocks[s].name, acc, row["train_loss"], bytes_down / 1e6,
-            bytes_up / 1e6,
+        return {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "clients": len(uploads),
+                "bytes_down": bytes_down, "bytes_up": bytes_up, "stage": s + 1, "block": self.blocks[s].name,
+                "dropped_blocks": dropped_total / settings.client_num_per_round}
+
+    def evaluate(self) -> dict[str, float]:
+        s = self.head_stage
+        net = self.model if s == self.stages - 1 else StageNet([b.module for b in self.blocks[:s]],
+                                                                 self.blocks[s].module, self.head)
+        acc, loss = evaluate(net, self.test)
+        return {"test_acc": acc, "test_loss": loss}
+
+    def state(self) -> dict[str, Any]:
+        last = self.head_stage == self.stages - 1
+        return {"model": self.model.state_dict(), "head_stage": self.head_stage,
+                "head": self.head.state_dict() if self.head is not None and not last else {}}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        stage = int(state["head_stage"])
+        if stage >= 0:
+            self._use_head(stage)
+            if stage < self.stages - 1:
+                self.head.load_state_dict(state["head"])
+
+    def describe(self, row: Mapping[str, Any]) -> str:
+        return (f"stage {row['stage']}/{self.stages} ({row['block']}) | acc {row['test_acc']:.4f} | "
+                f"train {row['train_loss']:.4f} | down {row['bytes_down'] / 1e6:.2f} MB up {row['bytes_up'] / 1e6:.2f} MB")
+
+    def summary(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        costs = client_costs(self.model, self.blocks, self.data, self.settings, self.opts, self.seed)
+        return base.summary_of(
+            rows, client_params=costs["client_params"], client_macs=costs["client_macs"],
+            peak_train_mb=costs["peak_train_mb"], setting=SETTING,
+            dense_params=sum(p.numel() for p in self.model.parameters()), stages=self.stages,
+            stage_rounds=self.schedule, blocks=[b.name for b in self.blocks[:-1]], stage_params=costs["stage_params"],
+            stage_macs=costs["stage_macs"], depth_dropout=self.opts.depth_dropout,
         )
 
-    costs = client_costs(model, blocks, data, settings, opts, seed)
-    summary = base.summary_of(
-        metrics.rows, client_params=costs["client_params"], client_macs=costs["client_macs"],
-        peak_train_mb=costs["peak_train_mb"], setting=SETTING, dense_params=sum(p.numel() for p in model.parameters()),
-        stages=stages, stage_rounds=schedule, blocks=[b.name for b in blocks[:-1]], stage_params=costs["stage_params"],
-        stage_macs=costs["stage_macs"], depth_dropout=opts.depth_dropout,
-    )
-    return base.MethodRun(metrics.rows, summary)
+
+def run(model: nn.Module, data: FederatedData, settings: RunSettings, options: Mapping[str, Any], seed: int, *,
+        resume: bool = False, progress: bool = False) -> base.MethodRun:
+    """Train ``model`` (in place) stage by stage; see the module docstring."""
+    method = Layerwise(model, data, settings, base.options_from(Options, options), seed)
+    return drive(method, settings, seed, resume=resume, progress=progress)
