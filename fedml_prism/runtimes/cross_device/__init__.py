@@ -63,5 +63,6 @@ The package: ``launch`` starts the server or a reference device (``device``) and
 ``server_manager`` (:class:`~.server_manager.PrismMNNServerManager`) and ``comm_manager``
 (:class:`~.comm_manager.PrismMnnCommManager`) subclass FedML's classes and import FedML at module level;
 ``protocol`` holds the checks of what devices send that need no FedML; ``mnn_export`` turns sub-models
-into MNN graphs and back; ``mnn_sandbox`` reads a device's graph in a sandboxed child process.
+into MNN graphs and back; ``mnn_sandbox`` reads a device's graph in a sandboxed child process
+(``mnn_sandbox_child``: the script that child runs, with its confinement layers).
 """

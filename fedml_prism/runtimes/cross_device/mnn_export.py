@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...engine.layers import PrincipalConv2d, PrincipalLayer, PrincipalLinear
-from .mnn_sandbox import INPUT, OUTPUT, ParseLimits, graph_module, read_isolated
+from .mnn_sandbox import ParseLimits, read_isolated
+from .mnn_sandbox_child import INPUT, OUTPUT, graph_module
 
 log = logging.getLogger("fedml_prism")
 
