@@ -300,7 +300,8 @@ def test_mqtt_s3_settings_are_checked(tmp_path, mqtt, run_id, message) -> None:
 
 def test_no_broker_is_an_error_within_the_connect_timeout(tmp_path) -> None:
     """FedML's client retries an unreachable broker forever; a PriSM party gives up with the reason."""
-    from fedml_prism.runtimes.cross_silo.mqtt_transport import BrokerError, PrismMqttS3CommManager
+    from fedml_prism.runtimes.cross_silo.mqtt_broker import BrokerError
+    from fedml_prism.runtimes.cross_silo.mqtt_transport import PrismMqttS3CommManager
     from fedml_prism.runtimes.cross_silo.transport import make_codec
     from fedml_prism.runtimes.security import SecuritySettings
 

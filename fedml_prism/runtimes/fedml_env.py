@@ -42,7 +42,7 @@ def network_hosts(job: Job, rank: int) -> dict[str, str]:
                 **{f"the gRPC address of rank {r}": table[r].ingress or table[r].host for r in peers}}
     from types import SimpleNamespace
 
-    from .cross_silo.mqtt_transport import MQTT_SECTION, S3_SECTION, config_section
+    from .cross_silo.mqtt_broker import MQTT_SECTION, S3_SECTION, config_section
 
     def section(name: str) -> dict[str, Any]:  # a mapping, or a yaml file's path relative to the job's folder
         value = job.flat.get(name)

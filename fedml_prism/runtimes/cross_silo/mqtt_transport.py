@@ -40,7 +40,8 @@ and message protocol and changes what travels and what is believed:
 - the broker: credentials (``MQTT_USER`` / ``MQTT_PWD``) and TLS (``MQTT_TLS_CA``; ``MQTT_TLS_CERT`` /
   ``MQTT_TLS_KEY`` for a client certificate; ``{rank}`` is replaced, relative paths are from the job's
   yaml) in ``customized_training_mqtt_config``. A refused, unreachable or untrusted broker ends the party
-  with an error naming the cause within ``MQTT_CONNECT_TIMEOUT_S`` (FedML's client retries forever).
+  with an error naming the cause within ``MQTT_CONNECT_TIMEOUT_S`` (FedML's client retries forever); these
+  settings and the connection are :mod:`~fedml_prism.runtimes.cross_silo.mqtt_broker`'s.
 
 What this cannot do: anyone who may publish on a party's topic or write to the bucket can delay or drop
 that party's messages (a flood fills the receiving queue; and a broker passes MQTT payloads of any size
@@ -60,23 +61,20 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import queue
 import re
-import ssl
-import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import yaml
 
 from .._fedml_import import silence_fedml_import_warnings
 from ..security import SecuritySettings
 from ..wire import MAGIC, MODEL_PARAMS, FrameCodec, WireError
+from .mqtt_broker import MQTT_SECTION, S3_SECTION, BrokerSettings, S3Settings, _job_dir, config_section, connect
 
 silence_fedml_import_warnings()
 from fedml.core.distributed.communication.base_com_manager import BaseCommunicationManager  # noqa: E402
@@ -92,16 +90,10 @@ ANNOUNCEMENT_MAX_BYTES = 1024
 READ_CHUNK = 1 << 20
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-MQTT_SECTION = "customized_training_mqtt_config"
-S3_SECTION = "customized_training_s3_config"
 ANNOUNCEMENT_LABEL = "fedml_prism MQTT_S3 announcement v1"  # domain separation from frame MACs
 ANNOUNCEMENT_FIELDS = frozenset({"key", "size", "sha256"})
 INBOX_MAX = 256  # messages waiting for the receiving thread; more are dropped (logged)
 SEEN_KEYS_MAX = 1024  # S3 keys remembered per sender (never fetched again)
-
-
-class BrokerError(ValueError):
-    """The MQTT broker cannot be used (unreachable, refused, TLS failed); the message says why and what to check."""
 
 
 class Rejected(Exception):
@@ -113,163 +105,6 @@ def _reject(topic: str, err: Exception) -> None:
     reason = str(err) if isinstance(err, Rejected | WireError) else f"{type(err).__name__}: {err}"
     log.warning("rejected an MQTT_S3 message on %s: %s", topic, _one_line(reason))
 
-
-# ------------------------------------------------------------------------------ configuration
-def config_section(args: Any, name: str) -> dict[str, Any]:
-    """``customized_training_{mqtt,s3}_config``: a mapping in the yaml, or the path of a yaml file holding one.
-    FedML falls back to its cloud's settings when it is missing; PriSM does not."""
-    value = getattr(args, name, None)
-    if isinstance(value, str) and value:
-        try:
-            with open(value) as f:
-                value = yaml.safe_load(f)
-        except OSError as err:
-            raise ValueError(f"{name}={value!r} is invalid: {err.strerror}") from None
-    if not isinstance(value, Mapping) or not value:
-        raise ValueError(f"{name} is invalid ({type(value).__name__}): backend MQTT_S3 needs its mapping in comm_args "
-                         "(see config/mqtt_s3/fedml_config.yaml)")
-    return dict(value)
-
-
-def _text(config: Mapping[str, Any], section: str, key: str, required: bool = False) -> str | None:
-    value = config.get(key)
-    if value in (None, ""):
-        if required:
-            raise ValueError(f"{section}.{key} is missing: allowed a non-empty string")
-        return None
-    if not isinstance(value, str | int) or isinstance(value, bool):
-        raise ValueError(f"{section}.{key} ({type(value).__name__}) is invalid: allowed a string")
-    return str(value)
-
-
-def _number(config: Mapping[str, Any], section: str, key: str, default: float, low: float, high: float) -> float:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ValueError(f"{section}.{key}={value!r} is invalid: allowed a number in [{low:g}, {high:g}]")
-    return value
-
-
-@dataclass(frozen=True)
-class BrokerSettings:
-    """Where and how to reach the MQTT broker (``customized_training_mqtt_config``)."""
-
-    host: str
-    port: int
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    keepalive: int = 180
-    tls: bool = False
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    connect_timeout_s: float = 30.0
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], base_dir: str, rank: int) -> BrokerSettings:
-        s = MQTT_SECTION
-        host = _text(config, s, "BROKER_HOST", required=True)
-        port = int(_number(config, s, "BROKER_PORT", 1883, 1, 65535))
-        keepalive = int(_number(config, s, "MQTT_KEEPALIVE", 180, 5, 65535))
-        timeout = float(_number(config, s, "MQTT_CONNECT_TIMEOUT_S", 30.0, 1, 3600))
-        user, password = _text(config, s, "MQTT_USER"), _text(config, s, "MQTT_PWD")
-        if password is not None and user is None:
-            raise ValueError(f"{s}.MQTT_PWD is set but MQTT_USER is not: allowed both or neither")
-
-        def path(key: str) -> str | None:
-            value = _text(config, s, key)
-            if value is None:
-                return None
-            full = value.replace("{rank}", str(rank))
-            full = full if os.path.isabs(full) else os.path.join(base_dir, full)
-            if not os.path.isfile(full):
-                raise ValueError(f"{s}.{key}={value!r} is invalid: {full} does not exist")
-            return full
-
-        ca, cert, key = path("MQTT_TLS_CA"), path("MQTT_TLS_CERT"), path("MQTT_TLS_KEY")
-        if (cert is None) != (key is None):
-            raise ValueError(f"{s}.MQTT_TLS_CERT and MQTT_TLS_KEY are invalid: allowed both set (a client certificate) "
-                             "or both unset")
-        tls_flag = config.get("MQTT_TLS", False)
-        if not isinstance(tls_flag, bool):
-            raise ValueError(f"{s}.MQTT_TLS={tls_flag!r} is invalid: allowed true or false")
-        tls = tls_flag or ca is not None or cert is not None
-        return cls(host, port, user, password, keepalive, tls, ca, cert, key, timeout)
-
-    def configure(self, client: mqtt.Client) -> None:
-        """Credentials and TLS on a paho client (before it connects)."""
-        if self.user is not None:
-            client.username_pw_set(self.user, self.password)
-        if self.tls:
-            client.tls_set(ca_certs=self.ca, certfile=self.cert, keyfile=self.key, cert_reqs=ssl.CERT_REQUIRED)
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """The bucket messages with tensors go through (``customized_training_s3_config``, FedML's keys)."""
-
-    bucket: str
-    endpoint: str | None = None
-    region: str | None = None
-    access_key: str | None = field(default=None, repr=False)
-    secret_key: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> S3Settings:
-        s = S3_SECTION
-        return cls(_text(config, s, "BUCKET_NAME", required=True), _text(config, s, "CN_S3_ENDPOINT"),
-                   _text(config, s, "CN_REGION_NAME"), _text(config, s, "CN_S3_AKI"), _text(config, s, "CN_S3_SAK"))
-
-    def client(self) -> Any:
-        """A boto3 S3 client (no credentials given: boto3's usual chain, e.g. an instance role)."""
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key,
-                            config=Config(signature_version="s3v4", connect_timeout=10, read_timeout=120,
-                                          retries={"max_attempts": 3}))
-
-
-def _job_dir(args: Any) -> str:
-    path = getattr(args, "yaml_config_file", None) or ""
-    return os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
-
-
-def connect(client: mqtt.Client, broker: BrokerSettings, connack: Callable[[], int | None]) -> None:
-    """Connect ``client`` and wait for the broker's answer (``connack()``: its code once ``on_connect`` ran).
-    ``BrokerError`` naming the cause when the broker is unreachable for ``connect_timeout_s``, refuses
-    (credentials), or TLS fails; a refusal or a TLS failure is final at once."""
-    deadline = time.monotonic() + broker.connect_timeout_s
-    hint = "check BROKER_HOST / BROKER_PORT and that the broker runs"
-    while True:
-        try:
-            client.connect(broker.host, broker.port, broker.keepalive)
-            break
-        except (ssl.SSLError, ssl.CertificateError) as err:
-            raise BrokerError(f"TLS with the MQTT broker {broker.address} failed: {err} (check MQTT_TLS_CA, "
-                              "MQTT_TLS_CERT, MQTT_TLS_KEY and the broker's certificate)") from None
-        except OSError as err:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"no MQTT broker at {broker.address} within {broker.connect_timeout_s:.0f} s "
-                                  f"(MQTT_CONNECT_TIMEOUT_S): {err} ({hint})") from None
-            time.sleep(0.5)
-    while connack() is None:
-        if time.monotonic() > deadline:
-            raise BrokerError(f"the MQTT broker {broker.address} did not answer within {broker.connect_timeout_s:.0f} s "
-                              f"(MQTT_CONNECT_TIMEOUT_S) ({hint})")
-        rc = client.loop(timeout=0.2)
-        if rc != mqtt.MQTT_ERR_SUCCESS and connack() is None:
-            raise BrokerError(f"the MQTT broker {broker.address} closed the connection before accepting it "
-                              f"({mqtt.error_string(rc)}): check MQTT_USER / MQTT_PWD and the TLS settings")
-    code = connack()
-    if code != 0:
-        client.disconnect()
-        raise BrokerError(f"the MQTT broker {broker.address} refused the connection: {mqtt.connack_string(code)} "
-                          f"(check MQTT_USER / MQTT_PWD in {MQTT_SECTION})")
 
 
 def _no_constant(name: str) -> Any:
