@@ -19,10 +19,10 @@ import yaml
 
 from .engine.config import PrismConfig
 from .engine.server import RunSettings
-from .strategies import ALL_STRATEGIES, OTHER_METHODS
 from .runtimes.cross_device.mnn_sandbox import ParseLimits
 from .runtimes.security import KEYS as SECURITY_KEYS
 from .runtimes.security import SecuritySettings
+from .strategies import ALL_STRATEGIES, OTHER_METHODS
 from .workloads.data import PARTITIONS, FederatedData, load_federated
 from .workloads.models import check_init_scheme, create_model
 

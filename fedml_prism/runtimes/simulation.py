@@ -23,9 +23,9 @@ from ..engine.config import PrismConfig
 from ..engine.costs import layer_costs
 from ..engine.files import write_private_bytes
 from ..engine.server import PrismClient, PrismServer
-from ..strategies import OTHER_METHODS
 from ..engine.train import evaluate
 from ..job import Job, load_data
+from ..strategies import OTHER_METHODS
 from ..workloads.models import create_model
 
 log = logging.getLogger("fedml_prism")
