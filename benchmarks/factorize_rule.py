@@ -39,7 +39,7 @@ from fedml_prism.workloads.models import cnn, resnet18_cifar, vit_small
 # name -> (factory, input shape of one sample). torchvision models with a 10-class head (CIFAR-10, the
 # paper's setting) at their ImageNet input size, two with their 1000-class head (which then holds a
 # large share of a small net and stays dense), the built-in models, and the architectures of
-# tests/test_factorize_rule.py as the tests build them.
+# tests/engine/test_factorize_rule.py as the tests build them.
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "cnn (default job)": (lambda: cnn(in_channels=1, image_size=8, width=0.5, hidden=64), (1, 8, 8)),
     "resnet18_cifar": (resnet18_cifar, (3, 32, 32)),

@@ -7,7 +7,7 @@ swaps every ``nn.MultiheadAttention`` of a model for :class:`PrismMultiheadAtten
 ``kdim`` / ``vdim`` differ from E; ``out_proj``: E → E) and whose forward reproduces PyTorch's: batched and
 unbatched inputs, ``batch_first``, ``key_padding_mask`` and ``attn_mask`` (bool or float, 2-D or 3-D),
 ``need_weights`` / ``average_attn_weights``, ``is_causal``, ``add_bias_kv``, ``add_zero_attn`` and attention
-dropout. The law: a converted module returns what the original returns (``tests/test_factorize_rule.py``).
+dropout. The law: a converted module returns what the original returns (``tests/engine/test_factorize_rule.py``).
 :func:`restore_attention` is the inverse (dense projections only).
 """
 

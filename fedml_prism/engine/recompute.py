@@ -24,7 +24,7 @@ activation) runs under non-reentrant :func:`torch.utils.checkpoint.checkpoint` w
 
 Units whose recomputation would not reproduce the forward (BatchNorm updating running statistics) are
 left to plain autograd (:attr:`Units.skipped` says which and why). Loss, gradients and the SGD step are
-those of plain autograd (``tests/test_recompute.py``).
+those of plain autograd (``tests/engine/test_recompute.py``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ one the transport saw: the gRPC caller's id, the MQTT topic), the blob's digest,
 (run, session, seq, round, sender, receiver, type, params, digest) with the key of that sender's link,
 that the sequence number grows (a replayed frame is rejected), and, at the server, that a worker's frame
 carries this server process's session (below). Every failure, whatever the bytes, raises
-:class:`WireError` with the reason (no other exception leaves ``decode``: tests/test_wire_hostile.py fuzzes
+:class:`WireError` with the reason (no other exception leaves ``decode``: tests/runtimes/test_wire_hostile.py fuzzes
 it); transports log it and drop the frame. Numbers are finite and bounded (``seq`` and every JSON integer fit
 in 64 bits), values nest at most ``MAX_DEPTH`` deep, a message type is a short plain token (nothing a peer
 sends can forge a log line through it), and FedML's local-only type 0 (CONNECTION_IS_READY, what a party's own

@@ -13,7 +13,7 @@ protocol and classes, and adds:
   FINISHED). Each is its own timer, armed only by the server's own progress (its transport ready once,
   a round's bundles sent, the last round closed): nothing a peer sends arms, re-arms or cancels one, so a
   round closes by ``round_timeout_s`` and the run ends by its finish deadline whatever peers send
-  (tests/test_hostile_control.py). A FINISHED status before the last round is over, a status FedML does
+  (tests/runtimes/test_hostile_control.py). A FINISHED status before the last round is over, a status FedML does
   not know and a message type the server has no handler for are logged and dropped;
 - a worker's hello (an ONLINE status without the server's session: it has not heard from this server
   process yet, or it is a recording replayed into a restarted server) is answered only with FedML's

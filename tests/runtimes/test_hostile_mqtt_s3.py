@@ -17,13 +17,24 @@ from pathlib import Path
 
 import pytest
 from hostile_utils import defective_uploads
-from runtime_utils import BIN, free_ports, metrics, mosquitto_path, run, start, stop, wait_for, write_config
+from runtime_utils import (
+    BIN,
+    HELPERS,
+    free_ports,
+    helpers_env,
+    metrics,
+    mosquitto_path,
+    run,
+    start,
+    stop,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
-HERE = Path(__file__).resolve().parent
 RUN = "hostile"
-REPEATS = 4  # tests/rogue_mqtt_s3.py sends each refused announcement this often
+REPEATS = 4  # tests/helpers/rogue_mqtt_s3.py sends each refused announcement this often
 
 
 def _listening(port: int) -> bool:
@@ -82,7 +93,7 @@ def start_server(cfg: Path, tmp: Path) -> subprocess.Popen:
 
 
 def test_rogue_worker_attacks_are_rejected_and_the_job_finishes(tmp_path) -> None:
-    """Worker 3 is compromised (its own key): every attack of tests/rogue_mqtt_s3.py is rejected with its
+    """Worker 3 is compromised (its own key): every attack of tests/helpers/rogue_mqtt_s3.py is rejected with its
     reason in the server's log (transport: S3 keys, sizes, pickles, safetensors, senders, MACs, replays,
     header values; manager: foreign client, stale rounds; engine: each PriSM client's defect), an S3
     announcement without a valid MAC causes no S3 request and no key is fetched twice, nothing is
@@ -97,9 +108,9 @@ def test_rogue_worker_attacks_are_rejected_and_the_job_finishes(tmp_path) -> Non
                        security_args={"auth_key_file": "keys/party{rank}.key", "require_auth": True, "max_message_mb": 1})
         server = start_server(cfg, tmp_path)
         workers = [start(party(cfg, r), tmp_path, f"client{r}.log") for r in (1, 2)]
-        rogue = start([str(BIN / "python"), str(HERE / "rogue_mqtt_s3.py"), str(cfg), RUN, "3",
+        rogue = start([str(BIN / "python"), str(HELPERS / "rogue_mqtt_s3.py"), str(cfg), RUN, "3",
                        str(tmp_path / "keys" / "party3.key"), str(marker), "200"], tmp_path, "rogue.log",
-                      extra_env={"PYTHONPATH": str(HERE.parent)})
+                      extra_env=helpers_env())
         try:
             assert server.wait(timeout=200) == 0, (tmp_path / "server.log").read_text()[-4000:]
             for w in workers:

@@ -1,7 +1,7 @@
 """A compromised gRPC worker attacks a real cross-silo job (issue 11, item 8).
 
 The job: a server, two honest workers (``fedml-prism run``) and rank 3, a rogue process (this file run as
-a script, ``python tests/test_hostile_grpc.py rogue ...``) that holds rank 3's own key and listens on rank
+a script, ``python tests/runtimes/test_hostile_grpc.py rogue ...``) that holds rank 3's own key and listens on rank
 3's port with its own minimal gRPC servicer. It comes online like a worker and, on its first bundle,
 sends: pickles that would create marker files if ever unpickled, a frame over ``max_message_mb``, a frame
 whose safetensors header is bogus (the closest a frame gets to a meta tensor), a frame claiming to come
@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import torch
-from runtime_utils import BIN, grpc_config, metrics, run, start, start_grpc, stop
+from runtime_utils import BIN, grpc_config, helpers_env, metrics, run, start, start_grpc, stop
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,7 +49,7 @@ def test_rogue_grpc_worker_is_rejected_and_the_run_finishes_with_the_honest_work
     marker = tmp_path / "prism_grpc_marker"
     server, honest = start_grpc(cfg, out, tmp_path, workers=2)  # ranks 1 and 2
     rogue = start([sys.executable, __file__, "rogue", str(cfg), str(tmp_path / "keys" / f"party{RANK}.key"), str(marker)],
-                  tmp_path, "rogue.log")
+                  tmp_path, "rogue.log", extra_env=helpers_env())
     try:
         assert server.wait(timeout=170) == 0, (tmp_path / "server.log").read_text()[-4000:]
         for w in honest:

@@ -1,6 +1,6 @@
 """The sampling law as the model applies it: over many (client, round) draws of
 ``PrincipalModel.sample_submodel``, each component's inclusion rate is the without-replacement inclusion
-probability of ``p ∝ σ^κ`` for the configured κ (issue 23, item 1). ``tests/test_sampling.py`` checks
+probability of ``p ∝ σ^κ`` for the configured κ (issue 23, item 1). ``tests/engine/test_sampling.py`` checks
 the sampler alone; this fails if the model hands the sampler another κ (e.g. 0: uniform)."""
 
 from __future__ import annotations

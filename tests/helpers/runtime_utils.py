@@ -20,6 +20,8 @@ from fedml_prism import PrincipalModel, PrismConfig
 from fedml_prism.workloads.models import create_model
 
 BIN = Path(sys.executable).parent
+HELPERS = Path(__file__).resolve().parent  # tests/helpers: these modules and the rogue scripts
+REPO = HELPERS.parents[1]
 MODEL_KWARGS = {"in_channels": 1, "image_size": 8, "width": 0.25, "hidden": 32, "num_classes": 10}
 
 BASE: dict[str, dict[str, Any]] = {
@@ -50,6 +52,12 @@ def env_for(tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HOME=str(tmp), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return env
+
+
+def helpers_env() -> dict[str, str]:
+    """``PYTHONPATH`` for a process that imports the test helpers (``runtime_utils``, ``hostile_utils``): a
+    rogue script of tests/helpers/, or a test file run as a script. The repository comes second."""
+    return {"PYTHONPATH": os.pathsep.join([str(HELPERS), str(REPO)])}
 
 
 def start(cmd: list[str], tmp: Path, log_name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -1,4 +1,4 @@
-"""A rogue cross-device peer for tests/test_hostile_cross_device.py: it holds edge ids of the job (a
+"""A rogue cross-device peer for tests/runtimes/test_hostile_cross_device.py: it holds edge ids of the job (a
 compromised phone, or anyone who may publish on those devices' topics) and speaks FedML's device
 protocol like :class:`fedml_prism.runtimes.cross_device.device.ReferenceDevice`, but every upload is hostile.
 

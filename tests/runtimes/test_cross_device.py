@@ -29,7 +29,7 @@ from runtime_utils import (
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp: Path, mqtt_port: int, s3_port: int, round_timeout_s: float = 60, **train: object) -> Path:

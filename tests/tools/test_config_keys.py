@@ -18,7 +18,7 @@ from fedml_prism.job import FEDML_KEYS, PRISM_KEYS, job_from_sections, read_conf
 from fedml_prism.tools import bench
 from fedml_prism.tools.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TYPO = "train_args.learing_rate is not a key FedML 0.9.6 or fedml_prism reads; did you mean learning_rate?"
 
 

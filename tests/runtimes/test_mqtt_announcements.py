@@ -1,7 +1,7 @@
 """MQTT_S3 receive path without a broker (issue 18, item 7): the network thread (paho's callback) checks an
 S3 announcement's MAC before any S3 request and queues it; only the receiving thread reads S3, so a slow
 or large object never blocks the MQTT loop; a key is fetched once at most, in bounded memory. The job-level
-version of these checks, against mosquitto and a local S3, is tests/test_hostile_mqtt_s3.py."""
+version of these checks, against mosquitto and a local S3, is tests/runtimes/test_hostile_mqtt_s3.py."""
 
 from __future__ import annotations
 

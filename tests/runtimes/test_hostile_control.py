@@ -17,10 +17,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from runtime_utils import BIN, grpc_config, metrics, run, start, start_grpc, stop
+from runtime_utils import BIN, grpc_config, helpers_env, metrics, run, start, start_grpc, stop
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -45,7 +44,7 @@ def test_control_frames_from_a_rogue_never_stall_the_rounds_or_the_finish(tmp_pa
     )
     out = tmp_path / "out"
     server, honest = start_grpc(cfg, out, tmp_path, workers=2)
-    rogue = start([sys.executable, __file__, "rogue", str(cfg)], tmp_path, "rogue.log")
+    rogue = start([sys.executable, __file__, "rogue", str(cfg)], tmp_path, "rogue.log", extra_env=helpers_env())
     try:
         # 2 rounds closed by their deadline plus the finish deadline, with room for a slow machine; the old
         # server never finished (its round deadline was cancelled by the rogue's type-0 frame)
@@ -169,5 +168,4 @@ def rogue_main(cfg_path: str, lifetime_s: float = 200.0) -> int:
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "rogue":
-    sys.path.insert(0, str(Path(__file__).parent))
     sys.exit(rogue_main(sys.argv[2]))

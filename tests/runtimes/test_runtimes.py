@@ -169,7 +169,7 @@ def test_mqtt_s3_with_mosquitto_and_local_s3(tmp_path) -> None:
                                               "CN_REGION_NAME": "us-east-1", "CN_S3_AKI": "testing", "CN_S3_SAK": "testing"},
         },
     )
-    script = Path(__file__).resolve().parents[1] / "run" / "mqtt_s3.sh"
+    script = Path(__file__).resolve().parents[2] / "run" / "mqtt_s3.sh"
     proc = start(["bash", str(script), str(cfg), "2", "200"], tmp_path, "mqtt.log",
                  extra_env={"MQTT_PORT": str(mqtt_port), "S3_PORT": str(s3_port), "BIN": str(BIN)})
     try:
@@ -190,7 +190,7 @@ def test_octopus_packages_build_offline_and_run_the_job(tmp_path) -> None:
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "out"
     cfg = grpc_config(tmp_path, workers=1, train_args={"client_num_in_total": 4, "client_num_per_round": 2},
                       comm_args={"grpc_ipconfig_path": str(tmp_path / "grpc_ipconfig.csv")},

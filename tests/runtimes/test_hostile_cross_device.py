@@ -23,7 +23,19 @@ import pytest
 import torch
 import yaml
 from hostile_utils import marker_pickle
-from runtime_utils import BIN, MODEL_KWARGS, free_ports, metrics, start, start_broker_and_s3, stop, write_config
+from runtime_utils import (
+    BIN,
+    HELPERS,
+    MODEL_KWARGS,
+    REPO,
+    free_ports,
+    helpers_env,
+    metrics,
+    start,
+    start_broker_and_s3,
+    stop,
+    write_config,
+)
 
 from fedml_prism import PrincipalModel, PrismConfig
 from fedml_prism.engine.server import MAX_SAMPLES
@@ -33,8 +45,6 @@ from fedml_prism.runtimes.cross_device.protocol import _discard, sample_count_pr
 from fedml_prism.workloads.models import create_model
 
 pytestmark = pytest.mark.timeout(300)
-
-HERE = Path(__file__).resolve().parent
 
 
 # ------------------------------------------------------------------------------ unit: parsing, deletion, fields
@@ -227,8 +237,8 @@ def test_rogue_devices_do_not_stop_or_subvert_the_server(tmp_path) -> None:
         procs.append(server)
         devices = {e: start([*cmd, "--role", "device", "--edge-id", str(e)], tmp_path, f"device{e}.log") for e in (11, 12)}
         procs.extend(devices.values())
-        rogue = start([sys.executable, str(HERE / "rogue_cross_device.py"), str(cfg), "77", str(marker), "13", "14"],
-                      tmp_path, "rogue.log", extra_env={"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])})
+        rogue = start([sys.executable, str(HELPERS / "rogue_cross_device.py"), str(cfg), "77", str(marker), "13", "14"],
+                      tmp_path, "rogue.log", extra_env=helpers_env())
         procs.append(rogue)
         assert server.wait(timeout=200) == 0, (tmp_path / "server.log").read_text()[-4000:]
         for e, device in devices.items():
@@ -277,7 +287,7 @@ def _public(grants: list[dict]) -> bool:
 
 
 def test_config_in_the_repo_carries_the_cross_device_limits() -> None:
-    cfg = yaml.safe_load((HERE.parent / "config" / "cross_device" / "fedml_config.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "config" / "cross_device" / "fedml_config.yaml").read_text())
     assert cfg["security_args"]["max_message_mb"] > 0
     keepalive = cfg["comm_args"]["customized_training_mqtt_config"]["MQTT_KEEPALIVE"]
     assert ParseLimits.from_flat(cfg["comm_args"]).timeout_s < keepalive  # a parse must not drop the broker connection

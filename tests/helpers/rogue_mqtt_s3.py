@@ -1,4 +1,4 @@
-"""A compromised MQTT_S3 worker for tests/test_hostile_mqtt_s3.py.
+"""A compromised MQTT_S3 worker for tests/runtimes/test_hostile_mqtt_s3.py.
 
 It holds its own key (``fedml-prism keys``), announces itself ONLINE as FedML's cross-silo workers do
 (a ``C2S_CLIENT_STATUS`` message on its topic, again on every ``S2C_CHECK_CLIENT_STATUS``), decodes the

@@ -44,7 +44,7 @@ from fedml.core.distributed.communication.message import Message  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MASTER = bytes(range(32))
 
 

@@ -22,7 +22,7 @@ from fedml_prism.workloads.models import create_model
 
 pytestmark = pytest.mark.timeout(240)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NATIVE = REPO / "run" / "fedml_native"
 REQUESTS_WARNING = "RequestsDependencyWarning"
 PKG_RESOURCES_WARNING = "pkg_resources is deprecated"

@@ -29,7 +29,7 @@ from fedml_prism.runtimes.security import (
 )
 from fedml_prism.tools.cli import main as cli_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEYS = "secrets/keys/party{rank}.key"
 
 
