@@ -15,18 +15,23 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import yaml
-
 from .engine.config import PrismConfig
 from .engine.server import RunSettings
-from .runtimes.cross_device.mnn_sandbox import ParseLimits
-from .runtimes.security import KEYS as SECURITY_KEYS
-from .runtimes.security import SecuritySettings
+from .settings.config_file import read_config
+from .settings.grpc import GrpcAddress, check_ipconfig
+from .settings.limits import ParseLimits
+from .settings.mqtt import MQTT_SECTION, S3_SECTION, SECRET_FIELDS, BrokerSettings, S3Settings, config_section
+from .settings.security import KEY_ENV, SecuritySettings
+from .settings.security import KEYS as SECURITY_KEYS
 from .strategies import ALL_STRATEGIES, OTHER_METHODS
 from .workloads.data import PARTITIONS, FederatedData, load_federated
 from .workloads.models import check_init_scheme, create_model
 
 log = logging.getLogger("fedml_prism")
+
+#: torch threads of a party of a multi-process job when ``torch_threads`` is not set
+PARTY_THREADS = 1
+
 
 RUNTIMES = {
     ("simulation", "sp"), ("cross_silo", "MPI"), ("cross_silo", "GRPC"), ("cross_silo", "MQTT_S3"),
@@ -86,7 +91,7 @@ FEDML_KEYS = frozenset("""
 #: The keys of FedML's sections fedml_prism reads besides :class:`RunSettings`' fields and ``security_args``'
 #: keys: the job (this module), the runtimes (``torch_threads``, ``device``, ``client_idle_timeout_s``,
 #: ``grpc_ipconfig_path``; ``train_size`` / ``test_size`` in the cross-device run announcement) and the MNN
-#: parse limits (:class:`~fedml_prism.runtimes.mnn_sandbox.ParseLimits`).
+#: parse limits (:class:`~fedml_prism.settings.limits.ParseLimits`).
 PRISM_KEYS = frozenset("""
     backend client_id_list client_idle_timeout_s compare_strategies customized_training_mqtt_config
     customized_training_s3_config data_kwargs data_path dataset device grpc_ipconfig_path input_shape
@@ -120,23 +125,75 @@ class Job:
     method_args: dict[str, Any] = field(default_factory=dict)
     #: one line per key of FedML's sections that nothing reads (:func:`unread_keys`)
     unread: list[str] = field(default_factory=list)
+    #: ``torch_threads`` (None: torch's default in one process, :data:`PARTY_THREADS` in a party of many)
+    threads: int | None = None
+    #: a worker (or reference device) exits after this long without a server message
+    client_idle_timeout_s: float = 0.0
+    #: ``device`` when ``using_gpu``, else ``cpu``
+    device: str = "cpu"
+    #: FedML's ``train_size`` / ``test_size`` (announced to cross-device SDK devices)
+    train_size: int = 0
+    test_size: int = 0
+    #: cross-device: limits of the sandboxed parse of a device's graph
+    parse_limits: ParseLimits = field(default_factory=ParseLimits)
+
+    @property
+    def folder(self) -> str:
+        """The config file's folder: relative paths in the config are relative to it."""
+        return os.path.dirname(self.path)
+
+    @property
+    def party_threads(self) -> int:
+        """Torch threads of one party of a multi-process job (they share the machine)."""
+        return self.threads or PARTY_THREADS
+
+    def security(self, rank: int) -> SecuritySettings:
+        """Party ``rank``'s ``security_args`` (key files, TLS files, size cap), checked."""
+        return SecuritySettings.from_flat(self.flat, self.folder, rank)
+
+    def grpc_addresses(self) -> dict[int, GrpcAddress]:
+        """Every party's row of ``grpc_ipconfig_path``, checked."""
+        return check_ipconfig(self.flat.get("grpc_ipconfig_path"), self.folder, self.worker_num)
+
+    def broker(self, rank: int) -> BrokerSettings:
+        """The MQTT broker as party ``rank`` reaches it (``customized_training_mqtt_config``)."""
+        return BrokerSettings.from_config(config_section(self.flat.get(MQTT_SECTION), MQTT_SECTION, self.folder),
+                                          self.folder, rank)
+
+    def s3(self) -> S3Settings:
+        """The bucket of an MQTT_S3 job (``customized_training_s3_config``)."""
+        return S3Settings.from_config(config_section(self.flat.get(S3_SECTION), S3_SECTION, self.folder))
+
+    def secret_values(self) -> list[str]:
+        """Credentials in the config (the broker's and S3's, which FedML logs with ``args.__dict__``) and
+        the key in the environment: what every log line must not show."""
+        found = []
+        for section in (MQTT_SECTION, S3_SECTION):
+            values = self.flat.get(section)
+            if isinstance(values, dict):
+                found += [str(values[k]) for k in SECRET_FIELDS if values.get(k) not in (None, "")]
+        if env := os.environ.get(KEY_ENV):
+            found.append(env.strip())
+        return found
 
 
-def read_config(path: str) -> dict[str, dict[str, Any]]:
-    """The YAML sections; a missing file or a non-mapping section is an error (FedML ignores both)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        try:
-            sections = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"config file {path!r} is not valid YAML: {err}") from err
-    if not isinstance(sections, dict):
-        raise ValueError(f"config file {path!r} must be a mapping of sections (common_args:, train_args:, …)")
-    for name, section in sections.items():
-        if not isinstance(section, dict):
-            raise ValueError(f"config section {name!r} must be a mapping of key: value, got {section!r}")
-    return sections
+def _resolved_keys(flat: dict[str, Any], settings: RunSettings) -> dict[str, Any]:
+    """The keys the runtimes use that are not FedML's training keys, each checked once."""
+    threads = flat.get("torch_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"torch_threads={threads!r} is invalid: allowed an integer >= 1")
+    idle = flat.get("client_idle_timeout_s", 2 * settings.round_timeout_s + 60)
+    if isinstance(idle, bool) or not isinstance(idle, int | float) or not idle > 0:
+        raise ValueError(f"client_idle_timeout_s={idle!r} is invalid: allowed a number of seconds > 0")
+    sizes = {}
+    for key in ("train_size", "test_size"):
+        value = flat.get(key) or 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key}={value!r} is invalid: allowed an integer >= 0")
+        sizes[key] = value
+    return {"threads": threads, "client_idle_timeout_s": float(idle),
+            "device": str(flat.get("device", "cpu")) if flat.get("using_gpu") else "cpu",
+            "parse_limits": ParseLimits.from_flat(flat), **sizes}
 
 
 def unread_keys(sections: dict[str, dict[str, Any]]) -> list[str]:
@@ -156,6 +213,13 @@ def unread_keys(sections: dict[str, dict[str, Any]]) -> list[str]:
                 line += f"; did you mean {close[0]}?"
             lines.append(line)
     return lines
+
+
+def key_files_of(path: str) -> tuple[Any, Any]:
+    """``security_args.auth_key_file`` and ``comm_args.worker_num`` of a config, read without building the
+    job (building checks that the key files exist; ``fedml-prism keys --cf`` makes them)."""
+    sections = read_config(path)
+    return (sections.get("security_args") or {}).get("auth_key_file"), (sections.get("comm_args") or {}).get("worker_num", 1)
 
 
 def build_job(path: str, output_dir: str | None = None) -> Job:
@@ -216,14 +280,14 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
         partition_alpha=float(flat.get("partition_alpha", 0.5)), model=flat.get("model", "cnn"),
         model_kwargs=dict(flat.get("model_kwargs") or {}), worker_num=worker_num, compare=compare,
         partition_disjoint=disjoint, model_init=model_init, method_args=dict(sections.get("method_args") or {}),
-        unread=unread,
+        unread=unread, **_resolved_keys(flat, settings),
     )
     _check_methods(job)
     create_model(job.model, init=job.model_init, **job.model_kwargs)  # fail early on a bad model name or keyword
     if training_type == "cross_device":
         check_cross_device(job)
     if training_type != "simulation":
-        SecuritySettings.from_flat(flat, os.path.dirname(job.path), rank=0)  # files and values, before any work
+        job.security(0)  # files and values, before any work
     return job
 
 
@@ -290,4 +354,3 @@ def check_cross_device(job: Job) -> None:
                          " (MNN devices train with their own optimizer and return no momentum buffers)")
     if len(input_shape(job)) != 3:
         raise ValueError(f"input_shape={input_shape(job)} is invalid: cross_device exports image models [C, H, W]")
-    ParseLimits.from_flat(job.flat)  # mnn_parse_timeout_s / mnn_parse_memory_mb

@@ -15,7 +15,7 @@ import torch
 
 from ..job import Job
 from ._fedml_import import silence_fedml_import_warnings
-from .security import SecuritySettings, check_network_auth, scrub_logs, secret_values
+from .security import SecuritySettings, check_network_auth, scrub_logs
 
 log = logging.getLogger("fedml_prism")
 
@@ -23,8 +23,8 @@ log = logging.getLogger("fedml_prism")
 def security_settings(job: Job, rank: int) -> SecuritySettings:
     """Party ``rank``'s ``security_args`` (checked before any work starts); its key and the job's
     broker and S3 credentials are scrubbed from every log line of this process from now on."""
-    settings = SecuritySettings.from_flat(job.flat, os.path.dirname(job.path), rank)
-    scrub_logs([*secret_values(job.flat), *([settings.auth_key] if settings.auth_key else [])])
+    settings = job.security(rank)
+    scrub_logs([*job.secret_values(), *([settings.auth_key] if settings.auth_key else [])])
     if job.training_type == "cross_silo" and job.backend in ("GRPC", "MQTT_S3"):
         check_network_auth(settings, network_hosts(job, rank), rank)
     return settings
@@ -34,25 +34,12 @@ def network_hosts(job: Job, rank: int) -> dict[str, str]:
     """What party ``rank`` of a gRPC or MQTT_S3 job listens on or connects to: ``{what: host}``
     (the gRPC table checked first: a bad table is named before anything else)."""
     if job.backend == "GRPC":
-        from .cross_silo.grpc_transport import check_ipconfig
-
-        table = check_ipconfig(job.flat.get("grpc_ipconfig_path"), os.path.dirname(job.path), job.worker_num)
+        table = job.grpc_addresses()
         peers = [0] if rank else sorted(r for r in table if r)
         return {f"its gRPC listening address (rank {rank})": table[rank].host,
                 **{f"the gRPC address of rank {r}": table[r].ingress or table[r].host for r in peers}}
-    from types import SimpleNamespace
-
-    from .cross_silo.mqtt_broker import MQTT_SECTION, S3_SECTION, config_section
-
-    def section(name: str) -> dict[str, Any]:  # a mapping, or a yaml file's path relative to the job's folder
-        value = job.flat.get(name)
-        if isinstance(value, str) and value and not os.path.isabs(value):
-            value = os.path.join(os.path.dirname(job.path), value)
-        return config_section(SimpleNamespace(**{name: value}), name)
-
-    mqtt, s3 = section(MQTT_SECTION), section(S3_SECTION)
-    endpoint = str(s3.get("CN_S3_ENDPOINT") or "https://s3.amazonaws.com")
-    return {"the MQTT broker": str(mqtt.get("BROKER_HOST") or ""),
+    endpoint = job.s3().endpoint or "https://s3.amazonaws.com"
+    return {"the MQTT broker": job.broker(rank).host,
             "the S3 endpoint": urlsplit(endpoint if "//" in endpoint else f"//{endpoint}").hostname or endpoint}
 
 
@@ -68,7 +55,7 @@ def init_fedml(job: Job, args: Any) -> Any:
     _offline_mlops()
     args = fedml.init(args, check_env=False, should_init_logs=False)
     _quiet_fedml()
-    torch.set_num_threads(int(job.flat.get("torch_threads", 1)))
+    torch.set_num_threads(job.party_threads)
     torch.manual_seed(job.prism.seed)
     return args
 

@@ -36,12 +36,12 @@ def run_sp(job: Job, resume: bool = False, progress: bool = True) -> PrismServer
     from .fedml_glue import PrismClientTrainer, PrismServerAggregator
 
     torch.manual_seed(job.prism.seed)
-    if job.flat.get("torch_threads"):
-        torch.set_num_threads(int(job.flat["torch_threads"]))
-    device = torch.device(job.flat.get("device", "cpu") if job.flat.get("using_gpu") else "cpu")
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    device = torch.device(job.device)
     data = load_data(job)
     model = create_model(job.model, init=job.model_init, **job.model_kwargs)
-    args = argparse.Namespace(**job.flat)
+    args = argparse.Namespace(**job.flat)  # FedML's args: the whole config, as fedml.init would make them
     fedml_data = data.fedml_dataset(job.settings.batch_size)
     server = PrismServer(model, job.prism, job.settings, fedml_data[3], device)
     if resume and not server.load_checkpoint():
@@ -105,8 +105,8 @@ def run_method(job: Job, resume: bool = False, progress: bool = True) -> dict[st
 
     module = method_module(job.prism.strategy)
     torch.manual_seed(job.prism.seed)
-    if job.flat.get("torch_threads"):
-        torch.set_num_threads(int(job.flat["torch_threads"]))
+    if job.threads:
+        torch.set_num_threads(job.threads)
     model = create_model(job.model, init=job.model_init, **job.model_kwargs)
     options = job.method_args.get(job.prism.strategy) or {}
     result = module.run(model, load_data(job), job.settings, options, job.prism.seed, resume=resume, progress=progress)

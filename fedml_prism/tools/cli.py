@@ -171,11 +171,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
         for path in write_keys(args.out, args.workers):
             print(path)
         return 0
-    from ..job import read_config
+    from ..job import key_files_of
 
-    sections = read_config(args.cf)  # not build_job: it checks that the key files exist
-    template = (sections.get("security_args") or {}).get("auth_key_file")
-    workers = (sections.get("comm_args") or {}).get("worker_num", 1) if args.workers is None else args.workers
+    template, workers = key_files_of(args.cf)
+    workers = workers if args.workers is None else args.workers
     if isinstance(workers, bool) or not isinstance(workers, int):
         raise ValueError(f"worker_num={workers!r} is invalid: allowed an integer >= 1")
     if not template:

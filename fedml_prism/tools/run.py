@@ -19,7 +19,7 @@ import sys
 
 from ..engine.decompose import little_saving_warning
 from ..job import build_job
-from ..runtimes.security import scrub_logs, secret_values
+from ..runtimes.security import scrub_logs
 from ..workloads.models import create_model
 
 log = logging.getLogger("fedml_prism")
@@ -54,7 +54,7 @@ def _setup_logging() -> None:
 def main(cli: argparse.Namespace) -> int:
     _setup_logging()
     job = build_job(cli.cf, cli.output_dir)
-    scrub_logs(secret_values(job.flat))  # FedML logs args.__dict__, broker and S3 credentials included
+    scrub_logs(job.secret_values())  # FedML logs args.__dict__, broker and S3 credentials included
     if warning := little_saving_warning(create_model(job.model, **job.model_kwargs), job.prism):
         log.warning(warning)
     if getattr(cli, "role", None) == "device" and job.training_type != "cross_device":

@@ -333,3 +333,15 @@ class IdleCalls:
             channels = list(self._channels)
         for channel in channels:
             channel.close()
+
+
+def mqtt_args(run_id: str, mqtt: Any, s3: Any, base_dir: str = ".", rank: int = 0) -> Any:
+    """FedML's args of an MQTT_S3 party as ``fedml_args`` leaves them: the broker and bucket resolved
+    (``Job.broker`` / ``Job.s3``) from the two config sections."""
+    import argparse
+
+    from fedml_prism.settings.mqtt import MQTT_SECTION, S3_SECTION, BrokerSettings, S3Settings, config_section
+
+    return argparse.Namespace(
+        run_id=run_id, prism_broker=BrokerSettings.from_config(config_section(mqtt, MQTT_SECTION, base_dir), base_dir, rank),
+        prism_s3=S3Settings.from_config(config_section(s3, S3_SECTION, base_dir)))

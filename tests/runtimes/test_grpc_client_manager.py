@@ -20,6 +20,7 @@ from fedml_prism.runtimes.cross_silo.client_manager import PrismClientManager
 from fedml_prism.runtimes.cross_silo.grpc_transport import PrismGrpcCommManager
 from fedml_prism.runtimes.security import SecuritySettings
 from fedml_prism.runtimes.wire import FrameCodec
+from fedml_prism.settings.grpc import read_ipconfig
 
 silence_fedml_import_warnings()
 from fedml.core import mlops  # noqa: E402
@@ -78,7 +79,7 @@ def job(tmp_path: Path, monkeypatch, caplog) -> Any:
     ports = free_ports(2)
     (tmp_path / "ip.csv").write_text("eid,rank,grpc_server_ip,grpc_server_port\n"
                                      + "".join(f"{r},{r},127.0.0.1,{p}\n" for r, p in enumerate(ports)))
-    args = argparse.Namespace(grpc_ipconfig_path=str(tmp_path / "ip.csv"), run_id="t", client_id_list="[1]",
+    args = argparse.Namespace(prism_grpc_addresses=read_ipconfig(str(tmp_path / "ip.csv")), run_id="t", client_id_list="[1]",
                               comm_round=2, scenario="horizontal", using_mlops=False)
     monkeypatch.setattr(mlops.MLOpsStore, "mlops_args", args)  # FedML's MLOps off (using_mlops false)
     server = Server(args)

@@ -104,7 +104,7 @@ def test_a_call_without_its_message_is_cut_at_the_receive_deadline(tmp_path: Pat
     csv = tmp_path / "ip.csv"
     csv.write_text("eid,rank,grpc_server_ip,grpc_server_port\n" + "".join(f"{r},{r},127.0.0.1,{p}\n"
                                                                           for r, p in enumerate(ports)))
-    args = argparse.Namespace(grpc_ipconfig_path=str(csv), run_id="t")
+    args = argparse.Namespace(prism_grpc_addresses=read_ipconfig(str(csv)), run_id="t")
     security = SecuritySettings(max_message_mb=0.01)
     limit = grpc_transport.receive_timeout_s(security.max_bytes)
     codec = FrameCodec("t", 0, {1}, security.keyring(0), security.max_bytes)

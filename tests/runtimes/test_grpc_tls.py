@@ -36,6 +36,7 @@ from fedml_prism.runtimes.cross_silo import grpc_transport
 from fedml_prism.runtimes.cross_silo.grpc_transport import CALLS_PER_PEER, PrismGrpcCommManager, check_ipconfig
 from fedml_prism.runtimes.security import KeyRing, SecuritySettings, worker_key
 from fedml_prism.runtimes.wire import FrameCodec
+from fedml_prism.settings.grpc import read_ipconfig
 
 silence_fedml_import_warnings()
 from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2 as pb  # noqa: E402
@@ -133,7 +134,7 @@ def test_mutual_tls_refuses_peers_without_a_certificate_of_the_ca(certs, tmp_pat
     ports = free_ports(5)
     csv = write_csv(tmp_path / "ip.csv", [(0, "127.0.0.1", ports[0], ""), (1, "127.0.0.1", ports[1], ""),
                                            (2, "127.0.0.1", ports[2], "")])
-    args = argparse.Namespace(grpc_ipconfig_path=str(csv), run_id="t")
+    args = argparse.Namespace(prism_grpc_addresses=read_ipconfig(str(csv)), run_id="t")
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
@@ -190,7 +191,7 @@ def test_mutual_tls_refuses_peers_without_a_certificate_of_the_ca(certs, tmp_pat
             stranger.send_message(online(2))
         # the name checked is the party's, not the CSV's host: a server reached as 127.0.0.2 (this machine too)
         renamed = write_csv(tmp_path / "renamed.csv", [(0, "0.0.0.0", ports[3], "127.0.0.2"), (1, "127.0.0.1", ports[4], "")])
-        renamed_args = argparse.Namespace(grpc_ipconfig_path=str(renamed), run_id="t")
+        renamed_args = argparse.Namespace(prism_grpc_addresses=read_ipconfig(str(renamed)), run_id="t")
         far = PrismGrpcCommManager(renamed_args, 0, 1, codec(0, workers=1), tls(job, 0))
         near = PrismGrpcCommManager(renamed_args, 1, 1, codec(1, workers=1), tls(job, 1))
         managers += [far, near]
@@ -242,7 +243,7 @@ def test_a_worker_certificate_cannot_pose_as_the_server_or_another_worker(certs,
     job, _, _ = certs
     ports = free_ports(3)
     csv = write_csv(tmp_path / "ip.csv", [(r, "127.0.0.1", ports[r], "") for r in range(3)])
-    args = argparse.Namespace(grpc_ipconfig_path=str(csv), run_id="t")
+    args = argparse.Namespace(prism_grpc_addresses=read_ipconfig(str(csv)), run_id="t")
     managers: list[PrismGrpcCommManager] = []
     rogues = [RogueListener(job, 2, ports[0])]  # worker 2's certificate on the server's address
     try:
@@ -328,7 +329,7 @@ def test_nothing_else_can_listen_on_a_partys_port(tmp_path) -> None:
     """gRPC sets SO_REUSEPORT by default: a second listener on a party's port would take part of its traffic."""
     ports = free_ports(2)
     csv = write_csv(tmp_path / "ip.csv", [(0, "127.0.0.1", ports[0], ""), (1, "127.0.0.1", ports[1], "")])
-    args = argparse.Namespace(grpc_ipconfig_path=str(csv), run_id="t")
+    args = argparse.Namespace(prism_grpc_addresses=read_ipconfig(str(csv)), run_id="t")
     party = PrismGrpcCommManager(args, 0, 1, codec(0, workers=1), SecuritySettings())
     try:
         with pytest.raises(RuntimeError, match=f"party 0 cannot listen on 127.0.0.1:{ports[0]}"):
@@ -345,7 +346,7 @@ def test_one_certificate_holds_at_most_calls_per_peer_calls(certs, tmp_path, mon
     monkeypatch.setattr(grpc_transport, "RECEIVE_TIMEOUT_S", 1.0)
     ports = free_ports(3)
     csv = write_csv(tmp_path / "ip.csv", [(r, "127.0.0.1", ports[r], "") for r in range(3)])
-    args = argparse.Namespace(grpc_ipconfig_path=str(csv), run_id="t")
+    args = argparse.Namespace(prism_grpc_addresses=read_ipconfig(str(csv)), run_id="t")
     small = dataclasses.replace(tls(job, 0), max_message_mb=0.01)
     limit = grpc_transport.receive_timeout_s(small.max_bytes)
     d = job / "tls"

@@ -24,6 +24,7 @@ from runtime_utils import (
     helpers_env,
     metrics,
     mosquitto_path,
+    mqtt_args,
     run,
     start,
     stop,
@@ -280,13 +281,10 @@ def _fails(cmd: list[str], tmp: Path, log_name: str) -> str:
     return text
 
 
-def _args(tmp: Path, mqtt: dict, run_id: str = "t", s3: dict | None = None):
-    import argparse
-
-    cfg = tmp / "job.yaml"
-    cfg.write_text("{}\n")
-    return argparse.Namespace(run_id=run_id, yaml_config_file=str(cfg), customized_training_mqtt_config=mqtt,
-                              customized_training_s3_config=s3 if s3 is not None else {"BUCKET_NAME": "b"})
+def _args(tmp: Path, mqtt: dict, run_id: str = "t", s3: dict | None = None, rank: int = 0):
+    """The party's args as ``fedml_args`` makes them (settings resolved from the sections: errors raise here)."""
+    (tmp / "job.yaml").write_text("{}\n")
+    return mqtt_args(run_id, mqtt, s3 if s3 is not None else {"BUCKET_NAME": "b"}, str(tmp), rank)
 
 
 @pytest.mark.parametrize("mqtt, run_id, message", [
@@ -304,8 +302,8 @@ def test_mqtt_s3_settings_are_checked(tmp_path, mqtt, run_id, message) -> None:
     from fedml_prism.runtimes.cross_silo.transport import make_codec
     from fedml_prism.runtimes.security import SecuritySettings
 
-    args = _args(tmp_path, mqtt, run_id)
     with pytest.raises(ValueError, match=re.escape(message)):
+        args = _args(tmp_path, mqtt, run_id)
         PrismMqttS3CommManager(args, 0, 1, make_codec(args, 0, 1), SecuritySettings())
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from runtime_utils import mqtt_args
 
 from fedml_prism.runtimes.cross_silo import mqtt_transport
 from fedml_prism.runtimes.security import KeyRing, SecuritySettings, worker_key
@@ -68,8 +69,7 @@ def _server(monkeypatch: pytest.MonkeyPatch, bucket: _Bucket, auth: bool = True)
     """The server's manager of run ``run7`` with workers 1 and 2, no broker, ``bucket`` as S3."""
     monkeypatch.setattr(mqtt_transport, "connect", lambda client, broker, connack: None)
     monkeypatch.setattr(mqtt_transport.S3Settings, "client", lambda self: bucket)
-    args = SimpleNamespace(run_id=RUN, yaml_config_file=None, customized_training_mqtt_config={"BROKER_HOST": "localhost"},
-                           customized_training_s3_config={"BUCKET_NAME": "prism"})
+    args = mqtt_args(RUN, {"BROKER_HOST": "localhost"}, {"BUCKET_NAME": "prism"})
     codec = FrameCodec(RUN, 0, [1, 2], KeyRing(0, MASTER if auth else None), MAX_BYTES)
     return mqtt_transport.PrismMqttS3CommManager(args, 0, 3, codec, SecuritySettings())
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from runtime_utils import mqtt_args
 from torch.utils.data import TensorDataset
 
 from fedml_prism import PrismConfig
@@ -141,9 +142,7 @@ def _mqtt_server(monkeypatch: pytest.MonkeyPatch, bucket: _Bucket) -> Any:
 
     monkeypatch.setattr(mqtt_transport, "connect", lambda client, broker, connack: None)
     monkeypatch.setattr(mqtt_transport.S3Settings, "client", lambda self: bucket)
-    args = SimpleNamespace(run_id="run7", yaml_config_file=None,
-                           customized_training_mqtt_config={"BROKER_HOST": "localhost"},
-                           customized_training_s3_config={"BUCKET_NAME": "prism"})
+    args = mqtt_args("run7", {"BROKER_HOST": "localhost"}, {"BUCKET_NAME": "prism"})
     codec = FrameCodec("run7", 0, [1, 2], KeyRing(0, None), MAX_BYTES)
     return mqtt_transport.PrismMqttS3CommManager(args, 0, 3, codec, SecuritySettings())
 

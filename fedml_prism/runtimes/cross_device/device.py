@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from ...engine.sampling import make_generator
+from ...settings.mqtt import BrokerSettings, S3Settings
 from .mnn_export import train_graph
 
 log = logging.getLogger("fedml_prism")
@@ -51,8 +52,8 @@ class ReferenceDevice:
     def __init__(
         self,
         edge_id: int,
-        mqtt_config: dict[str, Any],
-        s3_config: dict[str, Any],
+        broker: BrokerSettings,
+        s3: S3Settings,
         data: Any,
         num_classes: int,
         cache_dir: str,
@@ -67,11 +68,9 @@ class ReferenceDevice:
         self.cache_dir = cache_dir
         os.makedirs(cache_dir, exist_ok=True)
         self.idle_timeout_s = idle_timeout_s
-        self.bucket = s3_config["BUCKET_NAME"]
-        self.s3 = boto3.client(
-            "s3", endpoint_url=s3_config.get("CN_S3_ENDPOINT") or None, region_name=s3_config.get("CN_REGION_NAME"),
-            aws_access_key_id=s3_config.get("CN_S3_AKI"), aws_secret_access_key=s3_config.get("CN_S3_SAK"),
-        )
+        self.bucket = s3.bucket
+        self.s3 = boto3.client("s3", endpoint_url=s3.endpoint, region_name=s3.region, aws_access_key_id=s3.access_key,
+                               aws_secret_access_key=s3.secret_key)
         self.run_id: str | None = None
         self.server_id = ""
         self.params: dict[str, Any] = {}
@@ -80,15 +79,12 @@ class ReferenceDevice:
         self.jobs: queue.Queue = queue.Queue()
         self.last_message_at = time.time()
         self.client = mqtt.Client(client_id=f"{self.edge_id}_{int(time.time() * 1000)}", clean_session=False)
-        user = mqtt_config.get("MQTT_USER") or None
-        if user:
-            self.client.username_pw_set(user, mqtt_config.get("MQTT_PWD") or None)
+        broker.configure(self.client)  # credentials and TLS
         self.client.will_set(LAST_WILL_TOPIC, json.dumps({"ID": str(self.edge_id), "status": "OFFLINE"}), qos=2,
                              retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
-        self.host, self.port = mqtt_config["BROKER_HOST"], int(mqtt_config["BROKER_PORT"])
-        self.keepalive = int(mqtt_config.get("MQTT_KEEPALIVE", 180))
+        self.host, self.port, self.keepalive = broker.host, broker.port, broker.keepalive
 
     # ------------------------------------------------------------------ MQTT
     @property

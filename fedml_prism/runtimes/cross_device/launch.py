@@ -17,7 +17,6 @@ from ...engine.server import PrismServer
 from ...job import Job, edge_ids, input_shape, load_data
 from ...workloads.models import create_model
 from .._fedml_import import silence_fedml_import_warnings
-from .mnn_sandbox import ParseLimits
 
 log = logging.getLogger("fedml_prism")
 
@@ -50,7 +49,6 @@ def run_server(job: Job, run_id: str) -> int:
     from .server_manager import PrismMNNServerManager
 
     security = security_settings(job, 0)  # max_message_mb; broker and S3 credentials scrubbed from the logs
-    limits = ParseLimits.from_flat(job.flat)
     args = init_fedml(job, fedml_args(job, run_id))
     data = load_data(job)
     model = create_model(job.model, init=job.model_init, **job.model_kwargs)
@@ -58,7 +56,7 @@ def run_server(job: Job, run_id: str) -> int:
     server = PrismServer(model, job.prism, job.settings, test, "cpu")
     exporter = MnnExporter(input_shape(job), seed=job.prism.seed)
     manager = PrismMNNServerManager(args, server, exporter, edge_ids(job), job, job.settings.round_timeout_s,
-                                      job.settings.start_timeout_s, security.max_bytes, limits)
+                                      job.settings.start_timeout_s, security.max_bytes, job.parse_limits)
     log.info("cross-device server: run %s, devices %s, %d rounds, strategy %s keep %.2f", run_id, edge_ids(job),
              job.settings.comm_round, job.prism.strategy, job.prism.keep_ratio)
     manager.run()
@@ -71,7 +69,7 @@ def run_device(job: Job, edge_id: int) -> int:
 
     if edge_id not in edge_ids(job):
         raise ValueError(f"edge id {edge_id} is invalid: allowed {edge_ids(job)} (client_id_list)")
-    torch.set_num_threads(int(job.flat.get("torch_threads", 1)))
+    torch.set_num_threads(job.party_threads)
     data = load_data(job)
 
     def partition(idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +77,6 @@ def run_device(job: Job, edge_id: int) -> int:
         return ds.tensors[0], ds.tensors[1]
 
     cache = os.path.join(job.settings.output_dir, f"device{edge_id}")
-    idle = float(job.flat.get("client_idle_timeout_s", 2 * job.settings.round_timeout_s + 60))
-    device = ReferenceDevice(edge_id, job.flat["customized_training_mqtt_config"], job.flat["customized_training_s3_config"],
-                             partition, data.num_classes, cache, idle_timeout_s=idle, seed=job.prism.seed)
+    device = ReferenceDevice(edge_id, job.broker(edge_id), job.s3(), partition, data.num_classes, cache,
+                             idle_timeout_s=job.client_idle_timeout_s, seed=job.prism.seed)
     return device.run()

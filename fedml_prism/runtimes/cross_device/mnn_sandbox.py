@@ -67,6 +67,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ...settings.limits import ParseLimits
 from . import mnn_sandbox_child
 from .mnn_sandbox_child import _GRAPH_NAME, _OUT_NAME, _REPORT, _name
 
@@ -80,27 +81,6 @@ _said: set[str] = set()
 
 class UnreadableGraph(ValueError):
     """An uploaded graph the child process could not turn into plain parameter arrays."""
-
-
-@dataclass(frozen=True)
-class ParseLimits:
-    """Limits of one parse: wall-clock seconds, address space of the child (MiB), and the largest
-    parameter file it may write (bytes)."""
-
-    timeout_s: float = 20.0
-    memory_mb: int = 2048
-    max_output_bytes: int = 1 << 30
-
-    @classmethod
-    def from_flat(cls, flat: dict) -> ParseLimits:
-        """``mnn_parse_timeout_s`` / ``mnn_parse_memory_mb`` of a job's flat config, checked."""
-        timeout = flat.get("mnn_parse_timeout_s", cls.timeout_s)
-        memory = flat.get("mnn_parse_memory_mb", cls.memory_mb)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 600:
-            raise ValueError(f"mnn_parse_timeout_s={timeout!r} is invalid: allowed a number of seconds in (0, 600]")
-        if isinstance(memory, bool) or not isinstance(memory, int) or not 256 <= memory <= 1 << 20:
-            raise ValueError(f"mnn_parse_memory_mb={memory!r} is invalid: allowed an integer in [256, 1048576]")
-        return cls(float(timeout), memory)
 
 
 def read_isolated(path: str, shapes: list[tuple[int, ...]], limits: ParseLimits | None = None) -> list:

@@ -75,14 +75,13 @@ class PrismMNNServerManager(FedMLServerManager):
     # ---------------------------------------------------------------- start
     def start_train(self) -> None:
         """The run announcement an SDK device needs (runId, server_id, hyper-parameters)."""
-        f = self.job.flat
         s = self.job.settings
         parameters = {
             "train_args": {"comm_round": s.comm_round, "batch_size": s.batch_size, "learning_rate": s.learning_rate,
                            "epochs": s.epochs, "client_num_in_total": s.client_num_in_total,
                            "client_num_per_round": s.client_num_per_round},
-            "data_args": {"dataset": self.job.dataset, "train_size": int(f.get("train_size", 0) or 0),
-                          "test_size": int(f.get("test_size", 0) or 0)},
+            "data_args": {"dataset": self.job.dataset, "train_size": self.job.train_size,
+                          "test_size": self.job.test_size},
             "model_args": {"model": self.job.model, "input_shape": list(self.exporter.input_shape)},
             "prism_args": self.job.prism.to_dict(),
         }

@@ -58,6 +58,10 @@ def fedml_args(job: Job, rank: int, role: str, run_id: str) -> Any:
         if isinstance(value, str) and value and not os.path.isabs(value):
             setattr(args, key, os.path.join(os.path.dirname(job.path), value))
     args.prism_security = security_settings(job, rank)
+    if job.backend == "GRPC":
+        args.prism_grpc_addresses = job.grpc_addresses()
+    if job.backend == "MQTT_S3":
+        args.prism_broker, args.prism_s3 = job.broker(rank), job.s3()
     return args
 
 
@@ -118,8 +122,7 @@ def _work(job: Job, args: Any, model: torch.nn.Module, device: torch.device, fed
     client = PrismClient(model, job.prism, job.settings, fedml_data[5], device)
     trainer = PrismClientTrainer(model, args, client)
     done = threading.Event()
-    _watchdog(trainer, idle_s=float(job.flat.get("client_idle_timeout_s", 2 * job.settings.round_timeout_s + 60)),
-              server=_grpc_server_address(args), done=done)
+    _watchdog(trainer, idle_s=job.client_idle_timeout_s, server=_grpc_server_address(args), done=done)
     run_client(args, device, dataset, model, trainer)
     done.set()
     log.info("worker %d finished", args.rank)
@@ -188,12 +191,10 @@ def _exit_worker(reason: str) -> None:
 def _grpc_server_address(args: Any) -> tuple[str, int] | None:
     """Where this gRPC worker sends to the server (rank 0's row of ``grpc_ipconfig_path``, its
     ``ingress_ip`` first, as the transport does); ``None`` for other backends."""
-    from .grpc_transport import read_ipconfig
-
-    path = getattr(args, "grpc_ipconfig_path", None)
-    if args.backend != "GRPC" or not path or not os.path.isfile(path):
+    addresses = getattr(args, "prism_grpc_addresses", None)
+    if args.backend != "GRPC" or not addresses:
         return None
-    host, _, port = read_ipconfig(path)[0].target.rpartition(":")
+    host, _, port = addresses[0].target.rpartition(":")
     return host.strip("[]"), int(port)
 
 

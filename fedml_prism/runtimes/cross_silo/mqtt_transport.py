@@ -74,7 +74,7 @@ import paho.mqtt.client as mqtt
 from .._fedml_import import silence_fedml_import_warnings
 from ..security import SecuritySettings
 from ..wire import MAGIC, MODEL_PARAMS, FrameCodec, WireError
-from .mqtt_broker import MQTT_SECTION, S3_SECTION, BrokerSettings, S3Settings, _job_dir, config_section, connect
+from .mqtt_broker import BrokerSettings, S3Settings, connect
 
 silence_fedml_import_warnings()
 from fedml.core.distributed.communication.base_com_manager import BaseCommunicationManager  # noqa: E402
@@ -150,8 +150,8 @@ class PrismMqttS3CommManager(BaseCommunicationManager):
             raise ValueError(f"run_id={run!r:.80} is invalid for MQTT_S3: allowed 1-64 letters, digits, '.', '_', '-' "
                              "(it names MQTT topics and S3 keys)")
         self.run_id = run
-        self.broker = BrokerSettings.from_config(config_section(args, MQTT_SECTION), _job_dir(args), self.rank)
-        self.s3_settings = S3Settings.from_config(config_section(args, S3_SECTION))
+        self.broker: BrokerSettings = args.prism_broker  # Job.broker(rank) and Job.s3(), checked
+        self.s3_settings: S3Settings = args.prism_s3
         self.broker_host, self.broker_port = self.broker.host, self.broker.port
         self.mqtt_user, self.mqtt_pwd = self.broker.user, self.broker.password
         self._topic = f"fedml_{run}_"
