@@ -222,3 +222,65 @@ class PrismConfig:
         out["factorize_exclude"] = list(self.factorize_exclude)
         out["capacities"] = dict(self.capacities) if self.capacities else None
         return out
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """FedML's usual training keys, validated once."""
+
+    comm_round: int = 10
+    client_num_in_total: int = 10
+    client_num_per_round: int = 10
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    clip_grad_norm: float = 5.0
+    frequency_of_the_test: int = 1
+    checkpoint_every: int = 1
+    min_clients_per_round: int = 1
+    round_timeout_s: float = 600.0
+    start_timeout_s: float = 300.0
+    lr_schedule: str = "constant"
+    augment: str = "none"
+    diagnostics: bool = False
+    output_dir: str = "outputs"
+
+    def __post_init__(self) -> None:
+        positive_int = ("comm_round", "client_num_in_total", "client_num_per_round", "epochs", "batch_size",
+                        "frequency_of_the_test", "checkpoint_every", "min_clients_per_round")
+        for name in positive_int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: allowed an integer >= 1")
+        for name in ("learning_rate", "round_timeout_s", "start_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}={value!r} is invalid: allowed a number > 0")
+        for name in ("momentum", "weight_decay", "clip_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name}={value!r} is invalid: allowed a number >= 0")
+        if not isinstance(self.diagnostics, bool):
+            raise ValueError(f"diagnostics={self.diagnostics!r} is invalid: allowed true or false")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is invalid: allowed constant, cosine")
+        if self.augment not in ("none", "flip_crop"):
+            raise ValueError(f"augment={self.augment!r} is invalid: allowed none, flip_crop")
+        if self.client_num_per_round > self.client_num_in_total:
+            raise ValueError(
+                f"client_num_per_round={self.client_num_per_round} is invalid: allowed at most "
+                f"client_num_in_total={self.client_num_in_total}"
+            )
+        if self.min_clients_per_round > self.client_num_per_round:
+            raise ValueError(
+                f"min_clients_per_round={self.min_clients_per_round} is invalid: allowed at most "
+                f"client_num_per_round={self.client_num_per_round}"
+            )
+
+    @classmethod
+    def from_args(cls, args: Any, **override: Any) -> RunSettings:
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        values.update(override)
+        return cls(**values)

@@ -26,7 +26,7 @@ from .files import save_private, write_metrics
 from .sampling import make_generator
 
 if TYPE_CHECKING:
-    from .server import RunSettings
+    from .config import RunSettings
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_SCHEMA = 2  # 1: before the round driver (per-method layouts, no "schema" entry)
