@@ -109,7 +109,7 @@ class PrismConfig:
     strategy: str = "prism"
     keep_ratio: float = 0.2
     capacities: Mapping[float, float] | None = None
-    kappa: float = 4.0  # measured on the fidelity profiles (README, Fidelity); the paper used 2.5
+    kappa: float = 4.0  # measured on the fidelity profiles (docs/fidelity.md); the paper used 2.5
     reg_lambda: float = 5e-4
     seed: int = 0
     weighting: str = "uniform"
@@ -123,7 +123,7 @@ class PrismConfig:
     static_bn: bool = True
     svd_dtype: str = "float32"
     refresh: bool = True
-    # defaults measured on the fidelity profiles (README, Fidelity): aggregated momentum, √σ factors
+    # defaults measured on the fidelity profiles (docs/fidelity.md): aggregated momentum, √σ factors
     # and κ = 4 help PriSM, a top-k warm-up did not
     factor_scale: str = "sqrt"
     optimizer_state: str = "aggregate"

@@ -25,7 +25,7 @@ Two ways to build them:
 - ``fedml-prism run`` passes the ``PrismClient`` / ``PrismServer`` it builds (``client=``,
   ``server=`` + ``workers=``), so K worker processes can serve any number of PriSM clients.
 
-How PriSM rides on FedML 0.9.6 cross-silo (see the README):
+How PriSM rides on FedML 0.9.6 cross-silo (see docs/runtimes.md):
 
 - FedML sends ``params[data_silo_index]`` to each client process when ``aggregate()`` (and the initial
   ``get_model_params()``) return an object whose type is exactly ``dict`` with int keys. The

@@ -2,8 +2,8 @@
 
 Subcommands:
   costs   parameters, MACs and bytes of a sub-model next to the dense model
-  run     run a fedml_config.yaml on a FedML runtime (see README)
-  keys    message authentication keys for a cross-silo job (README Security)
+  run     run a fedml_config.yaml on a FedML runtime (see docs/runtimes.md)
+  keys    message authentication keys for a cross-silo job (docs/security.md)
 """
 
 from __future__ import annotations

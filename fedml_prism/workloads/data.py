@@ -190,7 +190,7 @@ def load_federated(
     if name not in FILE_DATASETS:
         raise ValueError(f"dataset={name!r} is invalid: allowed {', '.join((*DATASETS, *FILE_DATASETS))}")
     if not data_path:
-        raise ValueError(f"dataset={name!r} needs data_path: the folder or archive of its files (see README)")
+        raise ValueError(f"dataset={name!r} needs data_path: the folder or archive of its files (see docs/data.md)")
     from .datasets import LOADERS
 
     arrays = LOADERS[name](data_path, **(loader_kwargs or {}))

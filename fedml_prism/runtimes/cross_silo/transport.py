@@ -33,7 +33,7 @@ def make_codec(args: Any, rank: int, size: int, round_of: Callable[[], int] | No
     peers = set(range(1, size + 1)) if rank == 0 else {0}
     codec = FrameCodec(str(args.run_id), rank, peers, security.keyring(rank), security.max_bytes, round_of=round_of)
     if not codec.keys.enabled:
-        log.warning("party %d: messages are not authenticated (set security_args.auth_key_file; README Security)",
+        log.warning("party %d: messages are not authenticated (set security_args.auth_key_file; docs/security.md)",
                     rank)
     return codec
 
