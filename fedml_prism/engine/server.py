@@ -133,7 +133,7 @@ class PrismServer:
         self.config, self.settings = config, settings
         self.pm = PrincipalModel(model, config)
         self.test_data, self.device = test_data, device
-        self.log = RunLog(settings.output_dir, config.strategy, nested=("layers",))  # per-layer: metrics.json only
+        self.run_log = RunLog(settings.output_dir, config.strategy, nested=("layers",))  # per-layer: metrics.json only
         self.selected: list[int] = []
         self._bytes_down = 0
         self._dense_client_loss = float("nan")
@@ -142,7 +142,7 @@ class PrismServer:
     @property
     def metrics(self) -> list[dict[str, Any]]:
         """The metrics rows of the rounds played so far."""
-        return self.log.rows
+        return self.run_log.rows
 
     @property
     def round_idx(self) -> int:
@@ -223,7 +223,7 @@ class PrismServer:
         else:
             report = self.pm.aggregate(valid)
         accepted = [u for u in valid if u.client_id in report.accepted]
-        row = self.log.add(r, self._round_start, **self._metrics_fields(r, report, accepted), distinct_submodels=distinct)
+        row = self.run_log.add(r, self._round_start, **self._metrics_fields(r, report, accepted), distinct_submodels=distinct)
         if checkpoints(s, r):
             self.save_checkpoint()
         log.info(
@@ -276,7 +276,7 @@ class PrismServer:
             diff = sorted(k for k in saved if saved[k] != current.get(k))
             raise ValueError(f"checkpoint {self.checkpoint_path} was written with other prism_args ({', '.join(diff)}): {saved}")
         self.pm.load_state_dict(state["server"])
-        self.log = RunLog(self.settings.output_dir, self.config.strategy, list(state["metrics"]), nested=("layers",))
+        self.run_log = RunLog(self.settings.output_dir, self.config.strategy, list(state["metrics"]), nested=("layers",))
         log.info("resumed from %s after round %d", self.checkpoint_path, self.round_idx)
         return True
 
