@@ -10,8 +10,7 @@ import os
 from dataclasses import fields
 from typing import Any
 
-from ..engine.config import PrismConfig
-from ..engine.server import RunSettings
+from ..engine.config import PrismConfig, RunSettings
 from .config_file import read_config
 
 PRISM_KEYS = frozenset(f.name for f in fields(PrismConfig))
