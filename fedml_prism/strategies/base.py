@@ -1,15 +1,13 @@
-"""What the other methods (``layerwise``, ``fedgkt``, ``superfed``) share with each other and with
-PriSM's runs, so that ``fedml-prism bench`` compares them on the same footing: the same client
-selection per round (:func:`~fedml_prism.engine.sampling.select_clients` with the run's seed), the same
-per-round metrics rows and files as :class:`~fedml_prism.engine.server.PrismServer`
-(``metrics.json`` / ``metrics.csv`` in the output folder), atomic checkpoints for ``--resume``, one-line
-option errors, and client costs measured rather than counted: trained parameters, forward MACs, and
-the peak resident memory of a training step in a fresh process.
+"""What the other methods (``layerwise``, ``fedgkt``, ``superfed``) share besides their rounds, so that
+``fedml-prism bench`` compares them with PriSM on the same footing: one-line option errors, the summary
+row, and client costs measured rather than counted (trained parameters, forward MACs, and the peak
+resident memory of a training step in a fresh process). Their rounds (the same client selection per
+round as PriSM's runs, the same metrics rows and files, checkpoints for ``--resume``) are the round
+driver's, :func:`~fedml_prism.strategies.driver.drive`, on :mod:`fedml_prism.engine.rounds`.
 
 A method module provides ``run(model, data, settings, options, seed, *, resume=False,
-progress=False) -> MethodRun`` (its method class under :func:`~fedml_prism.strategies.driver.drive`, which
-writes the metrics and the checkpoint through :mod:`fedml_prism.engine.rounds`) and a ``SETTING`` label
-(what travels, what a client trains).
+progress=False) -> MethodRun`` (its method class under ``drive``) and a ``SETTING`` label (what travels,
+what a client trains).
 """
 
 from __future__ import annotations
