@@ -85,9 +85,14 @@ STRATEGY = "fedgkt"
 class Options:
     """``method_args`` of ``fedgkt``: distillation temperature and weight, the server's epochs per round
     and learning rate (``None``: the run's ``learning_rate``), how many ResNet stages a client runs, and
-    what the server trains on each round: ``seen`` (the last upload of every client seen so far) or
-    ``round`` (this round's uploads only, as FedML's implementation does with its participants; with
-    partial participation ``seen`` costs the server up to total/per-round times more)."""
+    what the server trains on each round: ``seen`` (the last upload of every client seen so far, what
+    FedML 0.9.6's ``GKTServerTrainer`` does: it keeps each client's features in a dict by client index
+    that it never clears, ``simulation/mpi/fedgkt/GKTServerTrainer.py`` lines 101 and 310) or ``round``
+    (this round's uploads only: cheaper under partial participation, not the published method).
+    ``server_kd``: whether the server's loss adds ``alpha * KD`` against the clients' logits (the
+    paper's two-way transfer) or is cross-entropy alone (false, the default: FedML's
+    ``whether_distill_on_the_server`` switch, line 331 of the same file, whose FedGKT launcher
+    ``main_fedgkt.py`` defaults it to 0); the clients distil from the server's logits either way."""
 
     temperature: float = 3.0
     alpha: float = 0.5
@@ -95,6 +100,7 @@ class Options:
     server_lr: float | None = None
     client_blocks: int = 0
     server_data: str = "seen"
+    server_kd: bool = False
 
     def __post_init__(self) -> None:
         if self.server_data not in ("seen", "round"):
@@ -105,6 +111,8 @@ class Options:
         if self.server_lr is not None:
             base.check_range("server_lr", self.server_lr, 0, math.inf, low_open=True)
         base.check_range("client_blocks", self.client_blocks, 0, 16, integer=True)
+        if not isinstance(self.server_kd, bool):
+            raise ValueError(f"server_kd={self.server_kd!r} is invalid: allowed true or false")
 
 
 # ---------------------------------------------------------------------------------------------- a run
@@ -189,7 +197,8 @@ class FedGKT:
         stats = train_server(
             self.server, trained_on, epochs=self.opts.server_epochs, batch_size=s.batch_size,
             lr=round_lr(s, round_idx, self.server_lr), momentum=s.momentum, weight_decay=s.weight_decay,
-            clip_norm=s.clip_grad_norm or None, temperature=self.opts.temperature, alpha=self.opts.alpha,
+            clip_norm=s.clip_grad_norm or None, temperature=self.opts.temperature,
+            alpha=self.opts.alpha if self.opts.server_kd else 0.0,
             generator=make_generator(self.seed, "fedgkt-server", round_idx), device=self.device,
             momentum_buffers=self.server_momentum)
         self.server_momentum = stats.momentum

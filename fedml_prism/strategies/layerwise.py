@@ -28,6 +28,12 @@ How it runs here:
   ``comm_round`` is split evenly (the later stages take the remainder, so the last stage, which
   trains the real head, is never the shortest) or, with ``rounds_per_stage=k``, every stage but the
   last takes ``k`` rounds and the last takes the rest.
+- **Learning rate and BN** (issue 22): by default the run's schedule restarts at every stage
+  (``lr_schedule: stage``: each stage is a training run of its own, so the last stage, which trains
+  most of a ResNet's parameters and the real classifier, starts at ``learning_rate`` instead of the
+  tail of one cosine over the run), and BatchNorm is static (``bn: static``: batch statistics, no
+  running statistics averaged over non-iid clients, as PriSM's ``static_bn``). SGD momentum restarts
+  every round, as for every weight-averaging method in ``fedml-prism bench --profile fidelity_methods``.
 - **Depth dropout** (``depth_dropout=p``): a client drops each frozen, identity-shaped block (same
   input and output shape, e.g. a stride-1 BasicBlock) with probability ``p``, drawn once per
   (seed, round, client). Dropped blocks are neither run nor sent to that client. The trained block
@@ -49,6 +55,7 @@ How it runs here:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import logging
 from collections.abc import Mapping, Sequence
@@ -62,7 +69,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..engine.costs import layer_costs
-from ..engine.rounds import client_batches
+from ..engine.layers import convert_static_bn
+from ..engine.rounds import client_batches, round_lr
 from ..engine.sampling import make_generator
 from ..engine.server import RunSettings
 from ..engine.train import evaluate, local_train
@@ -76,6 +84,8 @@ log = logging.getLogger("fedml_prism")
 SETTING = base.WEIGHTS_ONLY
 STRATEGY = "layerwise"
 WEIGHTINGS = ("uniform", "samples")
+LR_SCHEDULES = ("stage", "run")
+BN_MODES = ("static", "running")
 
 
 @dataclass(frozen=True)
@@ -87,12 +97,19 @@ class Options:
         ``comm_round`` evenly over the stages.
     aux_head_hidden: hidden width of the auxiliary heads (0: pooling + linear).
     weighting: ``uniform`` (the engine's default) or ``samples`` (FedAvg by client sample count).
+    lr_schedule: ``stage`` (the run's schedule restarted for every stage, over that stage's rounds:
+        with ``lr_schedule: cosine`` each stage starts at ``learning_rate`` and ends near 0) or ``run``
+        (one schedule over the whole run, as PriSM's rounds).
+    bn: ``static`` (BatchNorm on batch statistics, no running statistics: PriSM's default
+        ``static_bn``) or ``running`` (running statistics, averaged with the trained block).
     """
 
     depth_dropout: float = 0.0
     rounds_per_stage: int | None = None
     aux_head_hidden: int = 0
     weighting: str = "uniform"
+    lr_schedule: str = "stage"
+    bn: str = "static"
 
     def __post_init__(self) -> None:
         p = self.depth_dropout
@@ -103,6 +120,10 @@ class Options:
         base.check_range("aux_head_hidden", self.aux_head_hidden, 0, 10**7, integer=True)
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={self.weighting!r} is invalid: allowed one of {', '.join(WEIGHTINGS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is invalid: allowed one of {', '.join(LR_SCHEDULES)}")
+        if self.bn not in BN_MODES:
+            raise ValueError(f"bn={self.bn!r} is invalid: allowed one of {', '.join(BN_MODES)}")
 
 
 # ------------------------------------------------------------------------------------------ blocks
@@ -379,6 +400,8 @@ class Layerwise:
 
     def __init__(self, model: nn.Module, data: FederatedData, settings: RunSettings, options: Options, seed: int) -> None:
         self.model, self.data, self.settings, self.opts, self.seed = model, data, settings, options, seed
+        if options.bn == "static":
+            convert_static_bn(model)
         self.blocks = split_model(model, data.x_test[:2])
         self.stages = len(self.blocks) - 1
         self.schedule = stage_schedule(settings.comm_round, self.stages, options.rounds_per_stage)
@@ -402,8 +425,18 @@ class Layerwise:
             self.head_stage = stage
         return self.head
 
+    def stage_lr(self, round_idx: int, run_lr: float) -> float:
+        """Round ``round_idx``'s learning rate: the run's (``lr_schedule: run``) or the run's schedule
+        over the rounds of the round's stage, restarted at every stage (``stage``)."""
+        if self.opts.lr_schedule == "run":
+            return run_lr
+        s = stage_of(round_idx, self.schedule)
+        start = sum(self.schedule[:s])
+        return round_lr(dataclasses.replace(self.settings, comm_round=self.schedule[s]), round_idx - start)
+
     def play_round(self, round_idx: int, clients: list[int], lr: float) -> dict[str, Any]:
         s = stage_of(round_idx, self.schedule)
+        lr = self.stage_lr(round_idx, lr)
         head, settings = self._use_head(s), self.settings
         skippable = [b.identity_shaped for b in self.blocks[:s]]
         uploads, weights, losses, dropped_total, bytes_down, bytes_up = [], [], [], 0, 0, 0
@@ -428,7 +461,7 @@ class Layerwise:
             self.blocks[s].module.load_state_dict({k.removeprefix("block."): v for k, v in new.items() if k.startswith("block.")})
             head.load_state_dict({k.removeprefix("head."): v for k, v in new.items() if k.startswith("head.")})
         return {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "clients": len(uploads),
-                "bytes_down": bytes_down, "bytes_up": bytes_up, "stage": s + 1, "block": self.blocks[s].name,
+                "bytes_down": bytes_down, "bytes_up": bytes_up, "stage": s + 1, "block": self.blocks[s].name, "lr": lr,
                 "dropped_blocks": dropped_total / settings.client_num_per_round}
 
     def evaluate(self) -> dict[str, float]:

@@ -80,7 +80,8 @@ from .supernet import (
 
 __all__ = ["CAPPED_TRIES", "NAME", "SETTING", "Arch", "Options", "SubnetSpace", "SuperFed", "aggregate_shared",
            "beta_at", "build_space", "check_model", "count_params", "extract_subnet", "leading", "make_generator",
-           "peak_memory", "prepare_supernet", "round_weights", "run", "setting", "subnet_skeleton", "tracking_sandwich"]
+           "next_smallest_params", "peak_memory", "prepare_supernet", "round_weights", "run", "setting", "subnet_skeleton",
+           "tracking_sandwich"]
 
 log = logging.getLogger("fedml_prism")
 
@@ -213,7 +214,33 @@ def build_space(model: nn.Module, options: Options, dense_params: int | None = N
             f"max_params_ratio={options.max_params_ratio} is invalid for this model: the smallest sub-network has "
             f"{space.params(space.smallest()) / dense:.3f} of the dense parameters (add a smaller width or depth)"
         )
+    if budget is not None and space.largest() == space.smallest():
+        small, step = space.params(space.smallest()), next_smallest_params(space)
+        nxt = f"the next smallest has {step:,}" if step is not None else "there is no other (one depth, one width)"
+        raise ValueError(
+            f"max_params_ratio={options.max_params_ratio} is invalid for this model: its budget of {budget:,} of "
+            f"{dense:,} parameters admits a single sub-network (the smallest has {small:,} parameters, {nxt}), so "
+            "every client would train the same model; a capped space needs at least two sub-networks: raise "
+            "max_params_ratio, add smaller widths, or use a model with more blocks per stage"
+        )
     return space
+
+
+def next_smallest_params(space: SubnetSpace) -> int | None:
+    """Parameters of the second smallest sub-network of ``space`` (ignoring the budget): one step up from
+    the smallest (one block a width wider, or one stage a block deeper), since parameters grow with
+    every step; None when the space holds one sub-network."""
+    small = space.smallest()
+    steps = []
+    for i, (d, allowed) in enumerate(zip(small.depth, space.depths, strict=True)):
+        if len(space.widths) > 1:
+            steps += [Arch(small.depth, small.width[:i] + (ws,) + small.width[i + 1:])
+                      for ws in (small.width[i][:j] + (space.widths[1],) + small.width[i][j + 1:] for j in range(d))]
+        deeper = [a for a in allowed if a > d]
+        if deeper:
+            depth = small.depth[:i] + (deeper[0],) + small.depth[i + 1:]
+            steps.append(Arch(depth, small.width[:i] + ((space.widths[0],) * deeper[0],) + small.width[i + 1:]))
+    return min((space.params(a) for a in steps), default=None)
 
 
 # ---------------------------------------------------------------------------------------------- rounds

@@ -3,6 +3,7 @@ their samples when loaders shuffle, exact byte counts, a short run on digits and
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -271,3 +272,41 @@ def test_default_options_and_bad_split_option_in_a_run(tmp_path, digits) -> None
     assert (opts.temperature, opts.alpha, opts.server_epochs, opts.server_lr, opts.client_blocks) == (3.0, 0.5, 1, None, 0)
     with pytest.raises(ValueError, match="client_blocks"):
         fedgkt.run(_digits_cnn(), digits, _settings(str(tmp_path), 1), {"client_blocks": 1}, seed=0, device="cpu")
+
+
+@pytest.mark.parametrize("options, server_alpha", [({}, 0.0), ({"server_kd": True, "alpha": 0.3}, 0.3),
+                                                   ({"server_kd": False, "alpha": 0.3}, 0.0)])
+def test_the_server_distils_only_with_server_kd(tmp_path, digits, monkeypatch, options, server_alpha) -> None:
+    """FedML's published runs train the server on cross-entropy alone (``whether_distill_on_the_server:
+    0``), the default here; ``server_kd: true`` adds the paper's ``alpha * KD``. Clients distil either way."""
+    calls: dict[str, list[float]] = {"server": [], "client": []}
+    real_server, real_client = fedgkt.train_server, fedgkt.train_client
+
+    def server(*args, **kwargs):
+        calls["server"].append(kwargs["alpha"])
+        return real_server(*args, **kwargs)
+
+    def client(*args, **kwargs):
+        calls["client"].append(kwargs["alpha"])
+        return real_client(*args, **kwargs)
+
+    monkeypatch.setattr(fedgkt, "train_server", server)
+    monkeypatch.setattr(fedgkt, "train_client", client)
+    fedgkt.run(_digits_cnn(), digits, _settings(str(tmp_path), 2), options, seed=0, device="cpu")
+    assert calls["server"] == [server_alpha] * 2
+    assert calls["client"] == [options.get("alpha", 0.5)] * 4
+
+
+def test_server_cross_entropy_alone_ignores_the_clients_logits() -> None:
+    torch.manual_seed(0)
+    server = nn.Linear(6, 3)
+    cache = fedgkt.FeatureCache()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    weights = []
+    for logits in (torch.zeros(8, 3), torch.randn(8, 3) * 5):
+        cache.put(0, fedgkt.Upload(x, logits, y))
+        net = copy.deepcopy(server)
+        fedgkt.train_server(net, cache, epochs=1, batch_size=4, lr=0.1, momentum=0.0, weight_decay=0.0, clip_norm=None,
+                            temperature=3.0, alpha=0.0, generator=torch.Generator().manual_seed(0), device="cpu")
+        weights.append(net.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])

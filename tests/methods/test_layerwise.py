@@ -320,3 +320,53 @@ def test_run_rejects_too_few_rounds(tmp_path) -> None:
     settings = RunSettings(comm_round=4, client_num_in_total=4, client_num_per_round=2, output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="comm_round=4"):
         layerwise.run(model, _digits(), settings, {}, seed=0)
+
+
+def _lrs_of_a_run(tmp_path, monkeypatch, options: dict) -> list[float]:
+    """The learning rate every client of a 3-round digits CNN run (stages of 1 and 2 rounds) trains with."""
+    monkeypatch.setattr(base, "peak_train_memory_mb", lambda build: 1.0)
+    seen: list[float] = []
+    real = layerwise.local_train
+
+    def spying(*args, **kwargs):
+        seen.append(kwargs["lr"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layerwise, "local_train", spying)
+    torch.manual_seed(0)
+    model = cnn(num_classes=10, in_channels=1, image_size=8, width=0.25)
+    settings = RunSettings(comm_round=3, client_num_in_total=4, client_num_per_round=2, batch_size=32,
+                           learning_rate=0.05, lr_schedule="cosine", output_dir=str(tmp_path))
+    rows = layerwise.run(model, _digits(), settings, options, seed=0).metrics
+    per_round = seen[::2]
+    assert seen[1::2] == per_round  # both clients of a round
+    assert [r["lr"] for r in rows] == per_round  # and the metrics say which
+    return per_round
+
+
+def test_the_learning_rate_schedule_restarts_at_every_stage(tmp_path, monkeypatch) -> None:
+    """Issue 22: with one cosine over the run, the last stage (the real classifier, most of the
+    parameters) ran at the schedule's tail; ``lr_schedule: stage`` (the default) restarts it per stage."""
+    cos = lambda t, n: 0.05 * 0.5 * (1 + math.cos(math.pi * t / n))  # noqa: E731
+    staged = _lrs_of_a_run(tmp_path / "stage", monkeypatch, {})
+    assert staged == pytest.approx([cos(0, 1), cos(0, 2), cos(1, 2)])  # stages [1, 2]: 0.05 | 0.05, 0.025
+    monkeypatch.undo()
+    whole = _lrs_of_a_run(tmp_path / "run", monkeypatch, {"lr_schedule": "run"})
+    assert whole == pytest.approx([cos(0, 3), cos(1, 3), cos(2, 3)])
+
+
+@pytest.mark.parametrize("bn, tracked", [("static", False), ("running", True)])
+def test_bn_option_decides_whether_running_statistics_exist_and_travel(tmp_path, monkeypatch, bn: str,
+                                                                        tracked: bool) -> None:
+    monkeypatch.setattr(base, "peak_train_memory_mb", lambda build: 1.0)
+    torch.manual_seed(0)
+    model = resnet_tiny(num_classes=10, in_channels=1, width=0.125)
+    settings = RunSettings(comm_round=3, client_num_in_total=4, client_num_per_round=2, batch_size=32,
+                           learning_rate=0.05, output_dir=str(tmp_path))
+    method = layerwise.Layerwise(model, _digits(), settings, layerwise.Options(bn=bn), seed=0)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.track_running_stats is tracked for m in norms)
+    net = layerwise.client_net(method.blocks, 1, method._use_head(1))
+    assert any("running_mean" in k for k in net.trained_state()) is tracked
+    method.play_round(0, [0, 1], 0.05)
+    assert math.isfinite(method.evaluate()["test_acc"])

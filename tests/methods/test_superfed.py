@@ -296,3 +296,31 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch) -> None:
     assert whole.summary["subnets"] == resumed.summary["subnets"]
     with pytest.raises(ValueError, match="widths"):
         sf.run(model(), data, _settings(tmp_path / "split", 4), {**options, "widths": [0.5, 1.0]}, seed=3, resume=True)
+
+
+def test_a_capped_space_with_a_single_subnetwork_is_refused_naming_budget_and_sizes() -> None:
+    """resnet_tiny (one block per stage) under a 20 % cap admits only its smallest sub-network: every
+    client would train the same model, which is not SuperFed (issue 22)."""
+    model = resnet_tiny(num_classes=10, in_channels=3, width=0.25)
+    dense = sf.count_params(model)
+    widths = [0.125, 0.25, 0.5, 0.75, 1.0]
+    uncapped = sf.build_space(sf.prepare_supernet(copy.deepcopy(model)), sf.Options(widths=widths), dense)
+    small, second = uncapped.params(uncapped.smallest()), sf.next_smallest_params(uncapped)
+    budget = math.floor(0.2 * dense)
+    assert small <= budget < second  # one sub-network fits, the next does not
+    with pytest.raises(ValueError) as err:
+        _space(model, cap=True, max_params_ratio=0.2, widths=widths)
+    message = str(err.value)
+    assert "max_params_ratio=0.2" in message and f"{budget:,}" in message
+    assert f"{small:,}" in message and f"{second:,}" in message and "single sub-network" in message
+    # the next smallest is one step up: the cheapest single widening or deepening
+    steps = [sf.Arch((1, 1), ((0.25,), (0.125,))), sf.Arch((1, 1), ((0.125,), (0.25,)))]
+    assert second == min(uncapped.params(a) for a in steps)
+    # a budget that admits two sub-networks is accepted, with a largest above the smallest
+    ratio = (second + 1) / dense
+    _, space = _space(model, cap=True, max_params_ratio=ratio, widths=widths)
+    assert space.params(space.largest()) > space.params(space.smallest())
+    # a two-block-per-stage model under the same 20 % cap holds many
+    deep = ResNetCifar((2, 2, 2, 2), num_classes=10, in_channels=3, width=0.125)
+    _, space = _space(deep, cap=True, max_params_ratio=0.2, widths=widths)
+    assert len({space.random(torch.Generator().manual_seed(s)) for s in range(50)}) > 5

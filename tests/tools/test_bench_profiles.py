@@ -93,6 +93,14 @@ BAD = [
     ({"variants": {"x": {"prism_args": {"strategy": "bogus"}}}}, "variants.x.prism_args"),
     ({"variants": {"x": {"prism_args": {"strategy": "prism"}, "partitions": ["iid", "noniid"]}}},
      "variants.x.partitions[1]='noniid' is invalid"),
+    ({"learning_rates": [0.05, 0]}, "learning_rates[1]=0 is invalid: allowed positive numbers"),
+    ({"learning_rates": [0.05, "0.1"]}, "learning_rates[1]='0.1' is invalid: allowed positive numbers"),
+    ({"learning_rates": [0.05, 0.05]}, "learning_rates=[0.05, 0.05] is invalid: allowed distinct positive numbers"),
+    ({"learning_rates": 0.05}, "learning_rates=0.05 is invalid: allowed a non-empty list of positive numbers"),
+    ({"learning_rates": [0.05], "sweep_seeds": [3]}, "sweep_seeds[0]=3 is invalid: allowed seeds of the profile ([0])"),
+    ({"sweep_seeds": [0]}, "sweep_seeds is invalid without learning_rates"),
+    ({"variants": {"x": {"prism_args": {"strategy": "prism"}, "learning_rates": [-1]}}},
+     "variants.x.learning_rates[0]=-1 is invalid: allowed positive numbers"),
 ]
 
 

@@ -11,7 +11,12 @@ A profile file holds:
   ``train_args``, ``prism_args``, …), as in a ``fedml_config.yaml``;
 - optional ``match`` (``params`` or ``none``), ``memory`` (true: record each client's peak training
   memory) and ``variants``: a name → ``prism_args`` (``strategy``: the base strategy it runs),
-  ``sections`` merged over the profile's, and the ``keep_ratios`` / ``partitions`` it runs at.
+  ``sections`` merged over the profile's, the ``keep_ratios`` / ``partitions`` it runs at and its own
+  ``learning_rates``;
+- optional ``learning_rates`` (a learning-rate sweep: list of positive numbers, the same grid for every
+  strategy unless a variant names its own) and ``sweep_seeds`` (the seeds that run the whole grid;
+  default: every seed). The other seeds run each strategy at its best rate: the one with the highest
+  mean final accuracy over the sweep seeds (:func:`~fedml_prism.tools.bench.rows.best_learning_rates`).
 
 Every check runs when the file is read, before any work: an unknown key, a value of the wrong type or a
 key FedML's sections do not read is a ``ValueError`` naming the file, the field, the value and what is
@@ -44,8 +49,8 @@ COMMON: dict[str, dict[str, Any]] = {
 }
 
 REQUIRED_KEYS = ("strategies", "keep_ratios", "partitions", "seeds", "sections")
-OPTIONAL_KEYS = ("match", "memory", "variants")
-VARIANT_KEYS = ("prism_args", "sections", "keep_ratios", "partitions")
+OPTIONAL_KEYS = ("match", "memory", "variants", "learning_rates", "sweep_seeds")
+VARIANT_KEYS = ("prism_args", "sections", "keep_ratios", "partitions", "learning_rates")
 MATCH_VALUES = ("params", "none")
 
 
@@ -97,6 +102,14 @@ def _keep_ratios(source: str, field: str, value: Any) -> list[float]:
     return [float(k) for k in _list(source, field, value, ok, "numbers in (0, 1]")]
 
 
+def _learning_rates(source: str, field: str, value: Any) -> list[float]:
+    ok = lambda v: _is_number(v) and 0 < v < float("inf")
+    rates = [float(v) for v in _list(source, field, value, ok, "positive numbers")]
+    if len(set(rates)) != len(rates):
+        raise ValueError(f"{source}: {field}={value!r} is invalid: allowed distinct positive numbers")
+    return rates
+
+
 def _partitions(source: str, field: str, value: Any) -> list[tuple[str, float | None]]:
     items = _list(source, field, value, lambda p: isinstance(p, str), "iid or dirichletALPHA (e.g. dirichlet0.1)")
     return [parse_partition(p, f"{source}: {field}[{i}]=") for i, p in enumerate(items)]
@@ -143,6 +156,8 @@ def _variant(source: str, name: Any, spec: Any, prism_args: Mapping[str, Any]) -
         out["keep_ratios"] = _keep_ratios(source, f"{field}.keep_ratios", spec["keep_ratios"])
     if "partitions" in spec:
         out["partitions"] = [partition_name(*p) for p in _partitions(source, f"{field}.partitions", spec["partitions"])]
+    if "learning_rates" in spec:
+        out["learning_rates"] = _learning_rates(source, f"{field}.learning_rates", spec["learning_rates"])
     return out
 
 
@@ -173,6 +188,13 @@ def check_profile(data: Any, source: str) -> dict[str, Any]:
         if data["match"] not in MATCH_VALUES:
             raise ValueError(f"{source}: match={data['match']!r} is invalid: allowed {', '.join(MATCH_VALUES)}")
         profile["match"] = data["match"]
+    if "learning_rates" in data:
+        profile["learning_rates"] = _learning_rates(source, "learning_rates", data["learning_rates"])
+    if "sweep_seeds" in data:
+        if "learning_rates" not in data and not any("learning_rates" in v for v in profile["variants"].values()):
+            raise ValueError(f"{source}: sweep_seeds is invalid without learning_rates (the sweep it selects seeds for)")
+        profile["sweep_seeds"] = _list(source, "sweep_seeds", data["sweep_seeds"], lambda s: s in profile["seeds"],
+                                       f"seeds of the profile ({profile['seeds']})")
     if "memory" in data:
         if not isinstance(data["memory"], bool):
             raise ValueError(f"{source}: memory={data['memory']!r} is invalid: allowed true or false")

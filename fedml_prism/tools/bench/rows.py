@@ -84,3 +84,31 @@ def diagnostic_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seed = results[0]["seed"]
     first_keep = next((r["keep_ratio"] for r in results if r["strategy"] != "full"), None)
     return [r for r in results if r["seed"] == seed and (r["strategy"] == "full" or r["keep_ratio"] == first_keep)]
+
+
+def lr_group(row: Mapping[str, Any]) -> tuple:
+    """The runs a learning-rate sweep compares: one (partition, keep ratio, strategy)."""
+    return (row["partition"], row["keep_ratio"], row["strategy"])
+
+
+def best_learning_rates(results: list[dict[str, Any]]) -> dict[tuple, float]:
+    """Per :func:`lr_group` of the swept runs (rows with ``learning_rate``), the rate with the highest mean
+    final accuracy over the seeds that ran every rate of the group (over each rate's runs while no seed
+    has run them all); a tie goes to the smaller rate."""
+    groups: dict[tuple, dict[float, dict[int, float]]] = {}
+    for r in results:
+        if r.get("learning_rate") is not None:
+            groups.setdefault(lr_group(r), {}).setdefault(float(r["learning_rate"]), {})[r["seed"]] = num(r.get("final_acc"))
+    best = {}
+    for group, by_rate in groups.items():
+        common = set.intersection(*(set(seeds) for seeds in by_rate.values()))
+        score = {lr: fmean(v for s, v in seeds.items() if not common or s in common) for lr, seeds in by_rate.items()}
+        ranked = sorted(score, key=lambda lr: (-(score[lr] if math.isfinite(score[lr]) else -math.inf), lr))
+        best[group] = ranked[0]
+    return best
+
+
+def at_best_learning_rate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs a results table shows: every run outside a sweep, and the swept runs at their group's best rate."""
+    best = best_learning_rates(results)
+    return [r for r in results if r.get("learning_rate") is None or float(r["learning_rate"]) == best[lr_group(r)]]

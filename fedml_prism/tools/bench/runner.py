@@ -1,4 +1,5 @@
-"""Running a profile: plan, load the data once, run each job (resumable), write the results after each."""
+"""Running a profile: plan, load the data once, run each job (resumable), write the results after each; a
+learning-rate sweep runs its sweep seeds first, then the other seeds at each strategy's best rate."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ...strategies import OTHER_METHODS
 from .plan import plan_runs
 from .profiles import resolve_profile
 from .results import write_results
-from .rows import num, read_metrics
+from .rows import best_learning_rates, num, read_metrics
 
 log = logging.getLogger("fedml_prism")
 
@@ -46,23 +47,34 @@ def run_bench(
     # loads the data once before any training: missing dataset files fail here, and every run
     # shares the dataset, so one real sample probes every run's costs in the data's dtype and shape
     example = load_data(runs[0][1]).x_train[:1].clone()
-    results = []
-    started = last_plot = time.time()
-    for i, (key, job) in enumerate(runs, 1):
-        log.info("bench %d/%d: %s", i, len(runs), key)
-        row = dict(key)
-        summary, metrics = _run_one(job, profile, example)
-        row.update(summary)
-        row["strategy"] = key["strategy"]  # a variant's name, not its base strategy
-        row["base_strategy"] = job.prism.strategy
-        row["keep_ratio"] = key["keep_ratio"]
-        row["actual_keep"] = key["actual_keep"]
-        row["budget"] = row["client_params"] / row["dense_params"]
-        row["curve"] = [num(m.get("test_acc")) for m in metrics]
-        row["run_dir"] = os.path.relpath(job.settings.output_dir, out_dir)
-        results.append(row)
-        # tables after every run; plots at the end and at most once a minute in between
-        plots = i == len(runs) or time.time() - last_plot > 60
-        write_results(out_dir, label, results, time.time() - started, plots=plots)
-        last_plot = time.time() if plots else last_plot
+    results: list[dict[str, Any]] = []
+    started = time.time()
+    last_plot = [started]
+
+    def play(planned: list[tuple[dict, Job]], total: int) -> None:
+        for key, job in planned:
+            log.info("bench %d/%d: %s", len(results) + 1, total, key)
+            row = dict(key)
+            summary, metrics = _run_one(job, profile, example)
+            row.update(summary)
+            row["strategy"] = key["strategy"]  # a variant's name, not its base strategy
+            row["base_strategy"] = job.prism.strategy
+            row["keep_ratio"] = key["keep_ratio"]
+            row["actual_keep"] = key["actual_keep"]
+            row["budget"] = row["client_params"] / row["dense_params"]
+            row["curve"] = [num(m.get("test_acc")) for m in metrics]
+            row["run_dir"] = os.path.relpath(job.settings.output_dir, out_dir)
+            results.append(row)
+            # tables after every run; plots at the end and at most once a minute in between
+            plots = len(results) == total or time.time() - last_plot[0] > 60
+            write_results(out_dir, label, results, time.time() - started, plots=plots)
+            last_plot[0] = time.time() if plots else last_plot[0]
+
+    play(runs, len(runs))
+    # a learning-rate sweep's other seeds: each strategy at its best rate on the sweep seeds
+    done = {job.settings.output_dir for _, job in runs}
+    rest = [(k, j) for k, j in plan_runs(profile, out_dir, overrides, match=match, best_lr=best_learning_rates(results))
+            if j.settings.output_dir not in done]
+    if rest:
+        play(rest, len(runs) + len(rest))
     return results

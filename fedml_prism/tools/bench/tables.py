@@ -9,7 +9,18 @@ import statistics
 from typing import Any
 
 from ...strategies import OTHER_METHODS
-from .rows import fmean, fmt, layer_mean, num, rank_ratio, read_metrics, run_budget, run_dir
+from .rows import (
+    best_learning_rates,
+    fmean,
+    fmt,
+    layer_mean,
+    lr_group,
+    num,
+    rank_ratio,
+    read_metrics,
+    run_budget,
+    run_dir,
+)
 
 
 def aggregate_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -35,7 +46,8 @@ def aggregate_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "client_params": rows[0]["client_params"], "client_macs": rows[0]["client_macs"],
             "dense_macs": rows[0].get("dense_macs"), "budget": statistics.fmean(budgets) if budgets else None,
             "peak_train_mb": fmean(r.get("peak_train_mb") for r in rows),
-            "setting": rows[0].get("setting", ""), "method": rows[0].get("base_strategy") in OTHER_METHODS,
+            "setting": rows[0].get("setting", ""), "learning_rate": rows[0].get("learning_rate"),
+            "method": rows[0].get("base_strategy") in OTHER_METHODS,
             "bytes_per_round": statistics.fmean(r["bytes_per_round"] for r in rows),
             "wall_s": statistics.fmean(r["wall_s"] for r in rows),
         })
@@ -68,14 +80,35 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         budget = "100.0" if r["strategy"] == "full" else (
             f"{100 * r['budget']:.1f}" if r.get("budget") is not None else "")
         gap = f"{100 * r['gap_to_full']:+.2f}" if r.get("gap_to_full") is not None else ""
+        setting = r.get("setting", "") + (f"; lr {r['learning_rate']:g}" if r.get("learning_rate") is not None else "")
         keep = ("—", "—") if r.get("method") else (f"{r['keep_ratio']:g}", f"{r.get('actual_keep', r['keep_ratio']):.4g}")
         lines.append(
-            f"| {r['partition']} | {r['strategy']} | {r.get('setting', '')} | {keep[0]} | {keep[1]} | "
+            f"| {r['partition']} | {r['strategy']} | {setting} | {keep[0]} | {keep[1]} | "
             f"{budget} | {100 * fm:.2f} ± {100 * fs:.2f} | {gap} | {fmt(100 * num(r.get('last3_acc')), 2)} | "
             f"{100 * bm:.2f} ± {100 * bs:.2f} | "
             f"{r['client_params']:,} | {r['client_macs']:,} | {fmt(num(r.get('peak_train_mb')), 1)} | "
             f"{r['bytes_per_round'] / 1e6:.2f} | {r['wall_s']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def sweep_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table of a learning-rate sweep: per (partition, keep, strategy), the mean final accuracy at
+    every rate and the number of seeds behind it, the best rate starred; empty without swept runs."""
+    swept = [r for r in results if r.get("learning_rate") is not None]
+    if not swept:
+        return ""
+    best = best_learning_rates(results)
+    rates = sorted({float(r["learning_rate"]) for r in swept})
+    lines = ["| partition | strategy | keep | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |",
+             "|---|---|---|" + "---|" * len(rates)]
+    for group in sorted({lr_group(r) for r in swept}):
+        cells = []
+        for lr in rates:
+            accs = [r["final_acc"] for r in swept if lr_group(r) == group and float(r["learning_rate"]) == lr]
+            star = "*" if best[group] == lr else ""
+            cells.append(f"{100 * fmean(accs):.2f}{star} ({len(accs)})" if accs else "")
+        lines.append(f"| {group[0]} | {group[2]} | {group[1]:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -97,7 +130,7 @@ def diagnostics_table(results_dir: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     body = []
     for r in sorted(results, key=lambda r: (r["partition"], r["keep_ratio"], r["strategy"])):
-        if r["seed"] != seed:
+        if r["seed"] != seed or r.get("at_best_lr") is False:
             continue
         metrics = read_metrics(run_dir(results_dir, r)) or []
         with_layers = [m for m in metrics if m.get("layers")]
