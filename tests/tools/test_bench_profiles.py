@@ -15,7 +15,7 @@ import yaml
 from fedml_prism.tools.bench import PROFILE_DIR, PROFILES, load_profile_file, plan_runs, resolve_profile
 from fedml_prism.tools.cli import main
 
-SHIPPED = ("smoke", "cpu", "fidelity", "fidelity_long", "fidelity_methods", "paper")
+SHIPPED = ("smoke", "cpu", "fidelity", "fidelity_long", "fidelity_methods", "fidelity_methods_cnn", "paper")
 SMOKE = PROFILE_DIR / "smoke.yaml"
 
 
@@ -99,6 +99,8 @@ BAD = [
     ({"learning_rates": 0.05}, "learning_rates=0.05 is invalid: allowed a non-empty list of positive numbers"),
     ({"learning_rates": [0.05], "sweep_seeds": [3]}, "sweep_seeds[0]=3 is invalid: allowed seeds of the profile ([0])"),
     ({"sweep_seeds": [0]}, "sweep_seeds is invalid without learning_rates"),
+    ({"variants": {"x": {"prism_args": {"strategy": "prism"}, "seeds": [0.5]}}},
+     "variants.x.seeds[0]=0.5 is invalid: allowed integers"),
     ({"variants": {"x": {"prism_args": {"strategy": "prism"}, "learning_rates": [-1]}}},
      "variants.x.learning_rates[0]=-1 is invalid: allowed positive numbers"),
 ]

@@ -28,11 +28,11 @@ def test_the_sweep_seeds_run_the_grid_and_the_others_the_best_rate(tmp_path: Pat
     profile = load_profile_file(_profile(
         tmp_path, strategies=["full", "prism", "fixed"], keep_ratios=[0.5], seeds=[0, 1, 2], sweep_seeds=[0, 1],
         learning_rates=[0.01, 0.05],
-        variants={"fixed": {"prism_args": {"strategy": "prism"}, "learning_rates": [0.2]}}))
+        variants={"fixed": {"prism_args": {"strategy": "prism"}, "learning_rates": [0.2], "seeds": [1, 2]}}))
     first = plan_runs(profile, str(tmp_path), {})
     got = sorted((k["strategy"], k["seed"], k["learning_rate"]) for k, _ in first)
     assert got == sorted([(s, seed, lr) for s in ("full", "prism") for seed in (0, 1) for lr in (0.01, 0.05)]
-                         + [("fixed", 0, 0.2), ("fixed", 1, 0.2)])
+                         + [("fixed", 1, 0.2)])  # a variant runs at its own seeds only
     for key, job in first:  # the rate reaches the run and names its folder
         assert job.settings.learning_rate == key["learning_rate"]
         assert job.settings.output_dir.endswith(f"_lr{key['learning_rate']:g}_s{key['seed']}")

@@ -16,7 +16,7 @@ as prism's at k (:func:`match_keep_ratio`); rows keep the nominal ``keep_ratio``
 ``actual_keep`` used, and run folders are named after the actual keep.
 
 Profiles are YAML files, one per profile under ``config/bench/`` (``smoke``: seconds, for tests;
-``cpu``, ``fidelity``, ``fidelity_long``, ``fidelity_methods``: CIFAR-10 on 2 CPU cores; ``paper``: the
+``cpu``, ``fidelity``, ``fidelity_long``, ``fidelity_methods``, ``fidelity_methods_cnn``: CIFAR-10 on 2 CPU cores; ``paper``: the
 paper's setting for a GPU; each file's header says what it is for). ``--profile NAME`` runs a shipped
 one, ``--profile PATH`` (ending in .yaml) a file of the same form (:mod:`.profiles` describes it).
 

@@ -88,6 +88,8 @@ def plan_runs(
                                      f"{profile['sweep_seeds']} (the seeds that choose each strategy's learning rate)")
                 group = (part, keep if not no_keep else 1.0, strategy)
                 for seed in seeds:
+                    if seed not in variant.get("seeds", [seed]):
+                        continue
                     for lr in _rates(profile, variant, seed, seeds, best_lr, group):
                         sections = _run_sections(profile, variant, partition, base, keep, seed, overrides)
                         real = keep

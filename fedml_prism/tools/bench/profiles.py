@@ -11,8 +11,8 @@ A profile file holds:
   ``train_args``, ``prism_args``, …), as in a ``fedml_config.yaml``;
 - optional ``match`` (``params`` or ``none``), ``memory`` (true: record each client's peak training
   memory) and ``variants``: a name → ``prism_args`` (``strategy``: the base strategy it runs),
-  ``sections`` merged over the profile's, the ``keep_ratios`` / ``partitions`` it runs at and its own
-  ``learning_rates``;
+  ``sections`` merged over the profile's, the ``keep_ratios`` / ``partitions`` / ``seeds`` it runs at and
+  its own ``learning_rates``;
 - optional ``learning_rates`` (a learning-rate sweep: list of positive numbers, the same grid for every
   strategy unless a variant names its own) and ``sweep_seeds`` (the seeds that run the whole grid;
   default: every seed). The other seeds run each strategy at its best rate: the one with the highest
@@ -50,7 +50,7 @@ COMMON: dict[str, dict[str, Any]] = {
 
 REQUIRED_KEYS = ("strategies", "keep_ratios", "partitions", "seeds", "sections")
 OPTIONAL_KEYS = ("match", "memory", "variants", "learning_rates", "sweep_seeds")
-VARIANT_KEYS = ("prism_args", "sections", "keep_ratios", "partitions", "learning_rates")
+VARIANT_KEYS = ("prism_args", "sections", "keep_ratios", "partitions", "seeds", "learning_rates")
 MATCH_VALUES = ("params", "none")
 
 
@@ -156,6 +156,9 @@ def _variant(source: str, name: Any, spec: Any, prism_args: Mapping[str, Any]) -
         out["keep_ratios"] = _keep_ratios(source, f"{field}.keep_ratios", spec["keep_ratios"])
     if "partitions" in spec:
         out["partitions"] = [partition_name(*p) for p in _partitions(source, f"{field}.partitions", spec["partitions"])]
+    if "seeds" in spec:
+        out["seeds"] = _list(source, f"{field}.seeds", spec["seeds"], lambda s: isinstance(s, int) and not isinstance(s, bool),
+                             "integers")
     if "learning_rates" in spec:
         out["learning_rates"] = _learning_rates(source, f"{field}.learning_rates", spec["learning_rates"])
     return out
