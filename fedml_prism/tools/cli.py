@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="strategies side by side: results.json, results.md, plots")
     bench.add_argument("--profile", default="smoke",
                        help="a shipped profile (config/bench/NAME.yaml: smoke, cpu, fidelity, fidelity_long, "
-                            "fidelity_methods, fidelity_methods_cnn, paper) or the path of a profile .yaml file, e.g. an edited copy of one")
+                            "fidelity_methods, fidelity_methods_cnn, paper) or the path of a profile .yaml file, e.g. an edited "
+                            "copy of one")
     bench.add_argument("--out", default=None,
                        help="output folder (default outputs/bench_NAME: the profile's name, or its file's without .yaml)")
     bench.add_argument("--strategies", default=None, help="comma list, e.g. full,prism,orthdrop")
