@@ -305,7 +305,8 @@ def _check_methods(job: Job) -> None:
         raise ValueError(f"strategy={used[0]!r} is invalid for {job.training_type}/{job.backend}: allowed simulation/sp "
                          "(the other methods have their own in-process training loop)")
     for name in used:
-        method_options(name, job.method_args.get(name))
+        model = create_model(job.model, init=job.model_init, **job.model_kwargs)
+        method_options(name, job.method_args.get(name), model)
 
 
 def load_data(job: Job) -> FederatedData:

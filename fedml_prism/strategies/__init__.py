@@ -39,9 +39,16 @@ def method_module(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def method_options(name: str, values: Mapping[str, Any] | None) -> Any:
-    """The validated options of method ``name`` from the yaml's ``method_args`` (errors name the key)."""
-    return options_from(method_module(name).Options, values)
+def method_options(name: str, values: Mapping[str, Any] | None, model: Any = None) -> Any:
+    """The validated options of method ``name`` from the yaml's ``method_args`` (errors name the key);
+    with ``model``, also what the options mean for that model (a method's ``preflight``, e.g. SuperFed's
+    capped space), so a config is refused before any work."""
+    module = method_module(name)
+    options = options_from(module.Options, values)
+    preflight = getattr(module, "preflight", None)
+    if model is not None and callable(preflight):
+        preflight(model, options)
+    return options
 
 
 def setting_of(name: str, values: Mapping[str, Any] | None = None) -> str:

@@ -80,7 +80,8 @@ from .supernet import (
 
 __all__ = ["CAPPED_TRIES", "NAME", "SETTING", "Arch", "Options", "SubnetSpace", "SuperFed", "aggregate_shared",
            "beta_at", "build_space", "check_model", "count_params", "extract_subnet", "leading", "make_generator",
-           "next_smallest_params", "peak_memory", "prepare_supernet", "round_weights", "run", "setting", "subnet_skeleton",
+           "next_smallest_params", "peak_memory",
+           "preflight", "prepare_supernet", "round_weights", "run", "setting", "subnet_skeleton",
            "tracking_sandwich"]
 
 log = logging.getLogger("fedml_prism")
@@ -224,6 +225,12 @@ def build_space(model: nn.Module, options: Options, dense_params: int | None = N
             "max_params_ratio, add smaller widths, or use a model with more blocks per stage"
         )
     return space
+
+
+def preflight(model: nn.Module, options: Options) -> None:
+    """Before any work: ``ValueError`` when ``model`` is no supernet or ``options`` make no valid space
+    for it (:func:`build_space`)."""
+    build_space(prepare_supernet(model, options.bn), options, count_params(model))
 
 
 def next_smallest_params(space: SubnetSpace) -> int | None:

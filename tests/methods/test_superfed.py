@@ -324,3 +324,19 @@ def test_a_capped_space_with_a_single_subnetwork_is_refused_naming_budget_and_si
     deep = ResNetCifar((2, 2, 2, 2), num_classes=10, in_channels=3, width=0.125)
     _, space = _space(deep, cap=True, max_params_ratio=0.2, widths=widths)
     assert len({space.random(torch.Generator().manual_seed(s)) for s in range(50)}) > 5
+
+
+def test_a_config_whose_cap_admits_one_subnetwork_exits_2_before_any_work(tmp_path, monkeypatch, capsys) -> None:
+    from fedml_prism.tools.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fedml_config.yaml").write_text(
+        "common_args: {training_type: simulation}\ncomm_args: {backend: sp}\ndata_args: {dataset: digits}\n"
+        "model_args: {model: resnet_tiny, model_kwargs: {in_channels: 1, width: 0.25, num_classes: 10}}\n"
+        "train_args: {client_num_in_total: 4, client_num_per_round: 2, comm_round: 2, batch_size: 32}\n"
+        "prism_args: {strategy: superfed}\n"
+        "method_args: {superfed: {widths: [0.125, 0.25, 0.5, 1.0], cap: true, max_params_ratio: 0.2}}\n")
+    assert main(["run", "--cf", "fedml_config.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "max_params_ratio=0.2 is invalid for this model" in err and "admits a single sub-network" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fedml_config.yaml"]  # nothing written, nothing trained
