@@ -31,6 +31,8 @@ log = logging.getLogger("fedml_prism")
 
 #: torch threads of a party of a multi-process job when ``torch_threads`` is not set
 PARTY_THREADS = 1
+#: ``train_args.parallel_clients`` (:mod:`fedml_prism.runtimes.parallel`)
+PARALLEL_MODES = ("auto", "sequential", "processes", "vectorized")
 
 
 RUNTIMES = {
@@ -95,9 +97,9 @@ FEDML_KEYS = frozenset("""
 PRISM_KEYS = frozenset("""
     backend client_id_list client_idle_timeout_s compare_strategies customized_training_mqtt_config
     customized_training_s3_config data_kwargs data_path dataset device grpc_ipconfig_path input_shape
-    mnn_parse_memory_mb mnn_parse_timeout_s model model_init model_kwargs output_dir partition_alpha
-    partition_disjoint partition_method random_seed samples_per_client strict_config test_size torch_threads
-    train_size training_type using_gpu worker_num
+    mnn_parse_memory_mb mnn_parse_timeout_s model model_init model_kwargs output_dir parallel_clients
+    parallel_processes partition_alpha partition_disjoint partition_method random_seed samples_per_client
+    strict_config test_size torch_threads train_size training_type using_gpu worker_num
 """.split()) | {f.name for f in fields(RunSettings)} | set(SECURITY_KEYS)
 #: Sections whose keys are checked where they are read: PrismConfig, the other methods' options, SecuritySettings.
 CHECKED_SECTIONS = ("prism_args", "method_args", "security_args")
@@ -136,6 +138,10 @@ class Job:
     test_size: int = 0
     #: cross-device: limits of the sandboxed parse of a device's graph
     parse_limits: ParseLimits = field(default_factory=ParseLimits)
+    #: simulation: how a round's clients train (``runtimes.parallel``: auto, sequential, processes, vectorized)
+    parallel_clients: str = "sequential"
+    #: ``parallel_clients: processes``: worker processes (None: one per core, at most the clients per round)
+    parallel_processes: int | None = None
 
     @property
     def folder(self) -> str:
@@ -191,7 +197,14 @@ def _resolved_keys(flat: dict[str, Any], settings: RunSettings) -> dict[str, Any
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{key}={value!r} is invalid: allowed an integer >= 0")
         sizes[key] = value
-    return {"threads": threads, "client_idle_timeout_s": float(idle),
+    mode = flat.get("parallel_clients", "sequential")
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel_clients={mode!r} is invalid: allowed {', '.join(PARALLEL_MODES)}")
+    processes = flat.get("parallel_processes")
+    if processes is not None and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
+        raise ValueError(f"parallel_processes={processes!r} is invalid: allowed an integer >= 1")
+    return {"threads": threads, "client_idle_timeout_s": float(idle), "parallel_clients": mode,
+            "parallel_processes": processes,
             "device": str(flat.get("device", "cpu")) if flat.get("using_gpu") else "cpu",
             "parse_limits": ParseLimits.from_flat(flat), **sizes}
 

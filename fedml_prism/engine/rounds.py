@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .files import save_private, write_metrics
 from .sampling import make_generator
@@ -76,7 +76,7 @@ def flip_crop(x: Tensor, generator: torch.Generator) -> Tensor:
 class FlipCrop:
     """A loader's image batches through :func:`flip_crop`, drawn from a seeded generator."""
 
-    def __init__(self, loader: DataLoader, generator: torch.Generator) -> None:
+    def __init__(self, loader: Iterable[tuple[Tensor, Tensor]], generator: torch.Generator) -> None:
         self.loader, self.g = loader, generator
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -84,11 +84,36 @@ class FlipCrop:
             yield flip_crop(x, self.g), y
 
 
+class TensorBatches:
+    """A ``TensorDataset``'s shuffled batches, drawn from ``generator`` exactly as ``DataLoader(dataset,
+    batch_size, shuffle=True, generator=generator)`` draws them (per pass: the iterator's base seed, the
+    sampler's permutation, and the permutation the sampler starts when the first runs out), by indexing
+    the tensors: the same batches bit for bit, without collating one sample at a time."""
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, generator: torch.Generator) -> None:
+        self.tensors, self.batch_size, self.g = dataset.tensors, batch_size, generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.tensors[0]) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        n = len(self.tensors[0])
+        torch.empty((), dtype=torch.int64).random_(generator=self.g)  # DataLoader's worker base seed
+        for idx in torch.randperm(n, generator=self.g).split(self.batch_size):
+            yield tuple(t[idx] for t in self.tensors)
+        torch.randperm(n, generator=self.g)  # RandomSampler's draw past the end of the first permutation
+
+
 def client_batches(dataset: Dataset, settings: RunSettings, seed: int, round_idx: int, client_id: int) -> Any:
     """Client ``client_id``'s shuffled batches of round ``round_idx`` (the order drawn from ``(seed, "data",
-    round, client)``), through :class:`FlipCrop` with ``augment: flip_crop``: the same for every method."""
+    round, client)``), through :class:`FlipCrop` with ``augment: flip_crop``: the same for every method.
+    A ``TensorDataset`` (every built-in dataset) is batched by :class:`TensorBatches`, any other dataset by
+    a ``DataLoader``: the same batches."""
     g = make_generator(seed, "data", round_idx, client_id)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=g)
+    if type(dataset) is TensorDataset:
+        loader: Any = TensorBatches(dataset, settings.batch_size, g)
+    else:
+        loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=g)
     if settings.augment == "flip_crop":
         return FlipCrop(loader, make_generator(seed, "augment", round_idx, client_id))
     return loader

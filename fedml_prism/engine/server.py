@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from . import vectorized
 from .attention import convert_attention
 from .config import PrismConfig, RunSettings  # noqa: F401 - RunSettings re-exported (its old home)
 from .layers import convert_static_bn
@@ -39,7 +40,7 @@ from .rounds import (
 )
 from .sampling import make_generator
 from .submodel import SubModel, meta_skeleton
-from .train import evaluate, local_train
+from .train import TrainStats, evaluate, local_train
 
 log = logging.getLogger("fedml_prism")
 
@@ -296,6 +297,7 @@ class PrismClient:
         self.template = meta_skeleton(convert_static_bn(template) if config.static_bn else template)
         self.config, self.settings = config, settings
         self.client_data, self.device = client_data, device
+        self._vectorized_notes: set[str] = set()
 
     def _batches(self, client_id: int, round_idx: int) -> Iterable:
         data = self.client_data[client_id]
@@ -324,13 +326,11 @@ class PrismClient:
     def train(self, payload: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int, float, float]:
         """Train one ``down`` payload; returns the ``up`` payload, sample count, mean training loss
         and (diagnostics rounds, else NaN) the received sub-model's loss on the data before training."""
-        sub = SubModel.from_payload(payload, self.template, self.device)
-        if sub.client_id not in self.client_data:
-            raise ValueError(f"this process holds no data for client {sub.client_id}")
+        return self._train_sub(self._received(payload))
+
+    def _train_sub(self, sub: SubModel) -> tuple[dict[str, Tensor], int, float, float]:
+        start = self._start_loss(sub)
         s = self.settings
-        start = float("nan")
-        if self.diagnose_round(sub.round_idx):
-            start = evaluate(sub.module, self.eval_batches(sub.client_id), self.device)[1]
         stats = local_train(
             sub.module, self._batches(sub.client_id, sub.round_idx), epochs=s.epochs,
             lr=self.learning_rate(sub.round_idx),
@@ -339,19 +339,79 @@ class PrismClient:
             momentum_buffers=sub.momentum if self.config.optimizer_state == "aggregate" else None,
             activation_memory=self.config.activation_memory,
         )
+        return self._trained(sub, stats, start)
+
+    def _received(self, payload: Mapping[str, Tensor]) -> SubModel:
+        sub = SubModel.from_payload(payload, self.template, self.device)
+        if sub.client_id not in self.client_data:
+            raise ValueError(f"this process holds no data for client {sub.client_id}")
+        return sub
+
+    def _start_loss(self, sub: SubModel) -> float:
+        if self.diagnose_round(sub.round_idx):
+            return evaluate(sub.module, self.eval_batches(sub.client_id), self.device)[1]
+        return float("nan")
+
+    @staticmethod
+    def _trained(sub: SubModel, stats: TrainStats, start: float) -> tuple[dict[str, Tensor], int, float, float]:
         sub.momentum = stats.momentum
         return sub.to_payload("up"), stats.samples, stats.loss, start
 
     def train_bundle(self, bundle: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
         """Train every client in a bundle, one after the other; returns the upload bundle."""
-        out = {}
-        for cid, payload in unpack_bundle(bundle).items():
-            up, num, loss, start = self.train(payload)
-            up[NUM_SAMPLES] = torch.tensor(num)
-            up[TRAIN_LOSS] = torch.tensor(loss)
-            up[START_LOSS] = torch.tensor(start)
-            out[cid] = up
-        return pack_bundle(out)
+        return pack_bundle({cid: _upload(*self.train(payload)) for cid, payload in unpack_bundle(bundle).items()})
+
+    def vectorized_problem(self, sub: SubModel) -> str | None:
+        """Why ``sub`` cannot train in a batched group (None: it can)."""
+        data = self.client_data[sub.client_id]
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        if type(dataset) is not TensorDataset:
+            return f"a client's data is a {type(dataset).__name__}, not a TensorDataset"
+        return vectorized.problem(sub.module, self.config.activation_memory)
+
+    def train_bundles_vectorized(self, bundles: Mapping[int, Mapping[str, Tensor]]) -> dict[int, OrderedDict[str, Tensor]]:
+        """Train a round's bundles (by worker index) with the clients of equal sub-model shapes and equal
+        sample counts as one batched computation each (:mod:`~fedml_prism.engine.vectorized`); a client
+        that cannot be batched, or has no partner, trains sequentially (one log line per reason)."""
+        per_worker = {w: unpack_bundle(b) for w, b in bundles.items()}
+        subs = {cid: self._received(p) for clients in per_worker.values() for cid, p in clients.items()}
+        groups: dict[Any, list[int]] = {}
+        for cid, sub in subs.items():
+            if reason := self.vectorized_problem(sub):
+                if reason not in self._vectorized_notes:
+                    self._vectorized_notes.add(reason)
+                    log.info("parallel_clients: vectorized: %s; such clients train one after the other", reason)
+                groups[("sequential", cid)] = [cid]
+                continue
+            data = self.client_data[cid]
+            size = len(data.dataset if isinstance(data, DataLoader) else data)
+            groups.setdefault((vectorized.shape_key(sub.module), size, sub.round_idx), []).append(cid)
+        done: dict[int, tuple[dict[str, Tensor], int, float, float]] = {}
+        s = self.settings
+        for cids in groups.values():
+            if len(cids) == 1:
+                done[cids[0]] = self._train_sub(subs[cids[0]])
+                continue
+            members = [subs[c] for c in cids]
+            starts = [self._start_loss(sub) for sub in members]
+            aggregate = self.config.optimizer_state == "aggregate"
+            stats = vectorized.train_together(
+                [sub.module for sub in members], [self._batches(c, subs[c].round_idx) for c in cids], epochs=s.epochs,
+                lr=self.learning_rate(members[0].round_idx), momentum=s.momentum, weight_decay=s.weight_decay,
+                reg_lambda=self.config.reg_lambda, clip_norm=s.clip_grad_norm or None, device=self.device,
+                momentum_buffers=[sub.momentum for sub in members] if aggregate else None,
+            )
+            for cid, sub, st, start in zip(cids, members, stats, starts, strict=True):
+                done[cid] = self._trained(sub, st, start)
+        return {w: pack_bundle({cid: _upload(*done[cid]) for cid in clients}) for w, clients in per_worker.items()}
+
+
+def _upload(up: dict[str, Tensor], num: int, loss: float, start: float) -> dict[str, Tensor]:
+    """A trained client's ``up`` payload with its sample count and losses."""
+    up[NUM_SAMPLES] = torch.tensor(num)
+    up[TRAIN_LOSS] = torch.tensor(loss)
+    up[START_LOSS] = torch.tensor(start)
+    return up
 
 
 def _upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any] | None:

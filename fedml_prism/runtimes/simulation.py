@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import os
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..engine.config import PrismConfig
@@ -27,6 +29,7 @@ from ..engine.train import evaluate
 from ..job import Job, load_data
 from ..strategies import OTHER_METHODS
 from ..workloads.models import create_model
+from .parallel import ProcessClients, available_cores, build_client, resolve_mode
 
 log = logging.getLogger("fedml_prism")
 
@@ -49,26 +52,59 @@ def run_sp(job: Job, resume: bool = False, progress: bool = True) -> PrismServer
     client = PrismClient(model, job.prism, job.settings, fedml_data[5], device)
     aggregator = PrismServerAggregator(model, args, server, workers=job.settings.client_num_per_round)
     trainer = PrismClientTrainer(model, args, client)
-    while not server.finished:
-        bundles = aggregator.get_model_params()
-        if client.diagnose_round(server.round_idx):
-            dense = server.pm.dense_model(device)
-            losses = [evaluate(dense, client.eval_batches(c), device)[1] for c in server.selected]
-            server.record_dense_client_loss(sum(losses) / len(losses))
-        uploads = []
-        desc = f"{job.prism.strategy} round {server.round_idx + 1}/{job.settings.comm_round}"
-        for worker, bundle in tqdm(bundles.items(), desc=desc, leave=False, disable=not progress, unit="client"):
-            trainer.set_id(worker)
-            trainer.set_model_params(bundle)
-            trainer.on_before_local_training(None, device, args)
-            trainer.train(None, device, args)
-            trainer.on_after_local_training(None, device, args)
-            uploads.append((1, trainer.get_model_params()))
-        uploads, _ = aggregator.on_before_aggregation(uploads)
-        outgoing = aggregator.aggregate(uploads)
-        for worker in outgoing:
-            outgoing[worker] = aggregator.on_after_aggregation(outgoing[worker])
+    mode = resolve_mode(job.parallel_clients, job.device, job.settings.client_num_per_round)
+    pool = _process_pool(job, fedml_data[5]) if mode == "processes" and not server.finished else None
+    if job.parallel_clients != "sequential":
+        log.info("parallel_clients: %s%s", mode, f" ({pool.processes} processes x {pool.threads} threads)" if pool else "")
+    try:
+        while not server.finished:
+            bundles = aggregator.get_model_params()
+            if client.diagnose_round(server.round_idx):
+                dense = server.pm.dense_model(device)
+                losses = [evaluate(dense, client.eval_batches(c), device)[1] for c in server.selected]
+                server.record_dense_client_loss(sum(losses) / len(losses))
+            if pool is not None:
+                trained = pool.train(bundles)
+            elif mode == "vectorized":
+                trained = client.train_bundles_vectorized(bundles)
+            else:
+                trained = _train_in_turn(trainer, bundles, device, args, progress,
+                                         f"{job.prism.strategy} round {server.round_idx + 1}/{job.settings.comm_round}")
+            uploads, _ = aggregator.on_before_aggregation([(1, trained[w]) for w in bundles])
+            outgoing = aggregator.aggregate(uploads)
+            for worker in outgoing:
+                outgoing[worker] = aggregator.on_after_aggregation(outgoing[worker])
+    finally:
+        if pool is not None:
+            pool.close()
     return server
+
+
+def _train_in_turn(trainer: Any, bundles: dict[int, Any], device: torch.device, args: argparse.Namespace,
+                   progress: bool, desc: str) -> dict[int, Any]:
+    """The round's bundles trained one after the other through FedML's ``ClientTrainer`` hooks (which act
+    only after ``fedml.init`` enabled FHE or local DP: never in this process)."""
+    trained = {}
+    for worker, bundle in tqdm(bundles.items(), desc=desc, leave=False, disable=not progress, unit="client"):
+        trainer.set_id(worker)
+        trainer.set_model_params(bundle)
+        trainer.on_before_local_training(None, device, args)
+        trainer.train(None, device, args)
+        trainer.on_after_local_training(None, device, args)
+        trained[worker] = trainer.get_model_params()
+    return trained
+
+
+def _process_pool(job: Job, client_data: dict[int, Any]) -> ProcessClients:
+    """``parallel_clients: processes``: one worker per core (``parallel_processes``), at most one per
+    client of a round, sharing the job's threads (``torch_threads``, default the cores)."""
+    cores = available_cores()
+    count = min(job.parallel_processes or cores, job.settings.client_num_per_round)
+    threads = max(1, (job.threads or cores) // count)
+    data = {cid: d.dataset if isinstance(d, DataLoader) else d for cid, d in client_data.items()}
+    build = functools.partial(build_client, job.model, job.model_init, dict(job.model_kwargs), job.prism, job.settings,
+                              data, "cpu")
+    return ProcessClients(build, count, threads)
 
 
 def summarize(server: PrismServer, example: torch.Tensor) -> dict[str, Any]:
@@ -104,6 +140,9 @@ def run_method(job: Job, resume: bool = False, progress: bool = True) -> dict[st
     from ..strategies import method_module, setting_of
 
     module = method_module(job.prism.strategy)
+    if job.parallel_clients != "sequential":
+        log.warning("parallel_clients=%s applies to PriSM and its baselines; %s trains its clients one after the "
+                    "other", job.parallel_clients, job.prism.strategy)
     torch.manual_seed(job.prism.seed)
     if job.threads:
         torch.set_num_threads(job.threads)

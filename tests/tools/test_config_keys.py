@@ -62,7 +62,7 @@ def test_unread_keys_name_section_and_suggest_only_close_keys() -> None:
     lines = unread_keys({
         "common_args": {"training_type": "simulation", "strict_config": True},
         "data_args": {"data_cache_dir": "~/data", "partition_methd": "iid"},  # a FedML key, then a typo
-        "train_args": {"parallel_clients": 4, "learning_rate": 0.1},
+        "train_args": {"gpu_speedup": 4, "learning_rate": 0.1},
         "tracking_args": {"checkpoint_every": 2, "log_file_dir": "logs"},  # fedml_prism's, then FedML's
         "prism_args": {"nonsense": 1},  # checked by PrismConfig, not here
         "method_args": {"nonsense": 1},
@@ -70,7 +70,7 @@ def test_unread_keys_name_section_and_suggest_only_close_keys() -> None:
     })
     assert lines == [
         "data_args.partition_methd is not a key FedML 0.9.6 or fedml_prism reads; did you mean partition_method?",
-        "train_args.parallel_clients is not a key FedML 0.9.6 or fedml_prism reads",
+        "train_args.gpu_speedup is not a key FedML 0.9.6 or fedml_prism reads",
     ]
 
 
