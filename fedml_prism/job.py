@@ -36,7 +36,7 @@ PARALLEL_MODES = ("auto", "sequential", "processes", "vectorized")
 
 
 RUNTIMES = {
-    ("simulation", "sp"), ("cross_silo", "MPI"), ("cross_silo", "GRPC"), ("cross_silo", "MQTT_S3"),
+    ("simulation", "sp"), ("simulation", "MPI"), ("cross_silo", "MPI"), ("cross_silo", "GRPC"), ("cross_silo", "MQTT_S3"),
     ("cross_device", "MQTT_S3_MNN"),
 }
 
@@ -263,11 +263,8 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
     training_type = flat.get("training_type", "simulation")
     backend = flat.get("backend", "sp")
     if (training_type, backend) not in RUNTIMES:
-        hint = ""
-        if training_type == "simulation" and backend == "MPI":
-            hint = " (FedML's MPI simulation ignores custom aggregators: use training_type: cross_silo, backend: MPI)"
         allowed = ", ".join(f"{t}/{b}" for t, b in sorted(RUNTIMES))
-        raise ValueError(f"training_type/backend={training_type}/{backend} is invalid: allowed {allowed}{hint}")
+        raise ValueError(f"training_type/backend={training_type}/{backend} is invalid: allowed {allowed}")
     out = output_dir or flat.get("output_dir") or os.path.join("outputs", os.path.splitext(os.path.basename(path))[0])
     settings = RunSettings.from_args(argparse.Namespace(**flat), output_dir=os.path.abspath(out))
     method = flat.get("partition_method", "iid")
@@ -282,8 +279,12 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
     for s in compare:
         if s not in ALL_STRATEGIES:
             raise ValueError(f"compare_strategies entry {s!r} is invalid: allowed {', '.join(ALL_STRATEGIES)}")
-    worker_num = int(flat.get("worker_num", 1))
-    if training_type == "cross_silo" and not 1 <= worker_num <= settings.client_num_per_round:
+    ranks = mpi_world_size()
+    worker_num = int(flat.get("worker_num", (ranks or 2) - 1 if backend == "MPI" else 1))
+    if backend == "MPI" and ranks is not None and ranks != worker_num + 1:
+        raise ValueError(f"worker_num={worker_num} is invalid for mpiexec -np {ranks}: allowed worker_num={ranks - 1} "
+                         "(rank 0 serves, the other ranks train)")
+    if (training_type == "cross_silo" or backend == "MPI") and not 1 <= worker_num <= settings.client_num_per_round:
         raise ValueError(
             f"worker_num={worker_num} is invalid: allowed 1 to client_num_per_round={settings.client_num_per_round}"
         )
@@ -302,6 +303,15 @@ def job_from_sections(sections: dict[str, dict[str, Any]], path: str, output_dir
     if training_type != "simulation":
         job.security(0)  # files and values, before any work
     return job
+
+
+def mpi_world_size() -> int | None:
+    """The process count of the ``mpiexec`` that started this process (MPICH's ``PMI_SIZE``, Open MPI's
+    ``OMPI_COMM_WORLD_SIZE``), read without initializing MPI; None when not under ``mpiexec``."""
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if (value := os.environ.get(name, "")).isdigit():
+            return int(value)
+    return None
 
 
 def _check_methods(job: Job) -> None:

@@ -5,6 +5,10 @@
   in-process (:mod:`fedml_prism.runtimes.simulation`).
 - ``training_type: cross_silo`` + ``backend: MPI | GRPC | MQTT_S3``: FedML's cross-silo managers with
   the PriSM trainer/aggregator (:mod:`fedml_prism.runtimes.cross_silo`).
+- ``training_type: simulation`` + ``backend: MPI`` (FedML's "MPI-based multi-process simulation", under
+  ``mpiexec -np N``): FedML 0.9.6's MPI simulators never call a custom aggregator either, so it runs on
+  the cross-silo MPI machinery: rank 0 the server, ranks 1..N-1 each training its share of every round's
+  clients (``worker_num`` = N-1, read from ``mpiexec`` when the config leaves it out).
 - ``training_type: cross_device`` + ``backend: MQTT_S3_MNN``: the PriSM MNN server or a reference device
   (:mod:`fedml_prism.runtimes.cross_device`).
 
@@ -67,7 +71,7 @@ def main(cli: argparse.Namespace) -> int:
         for line in job.unread:
             print(f"warning: {line}")
         return 0
-    if job.training_type == "simulation":
+    if job.training_type == "simulation" and job.backend == "sp":
         from ..runtimes.simulation import run_comparison
 
         run_comparison(job, resume=cli.resume)

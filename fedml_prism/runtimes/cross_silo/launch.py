@@ -41,6 +41,7 @@ def fedml_args(job: Job, rank: int, role: str, run_id: str) -> Any:
         run_device_id="0", using_mlops=False,
     )
     args = Arguments(cmd, training_type="cross_silo", comm_backend=job.backend, override_cmd_args=False)
+    args.training_type = "cross_silo"  # a simulation/MPI job runs on the cross-silo MPI machinery
     args.prism_client_num_in_total = job.settings.client_num_in_total
     args.prism_client_num_per_round = job.settings.client_num_per_round
     args.client_num_in_total = job.worker_num
