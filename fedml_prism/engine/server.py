@@ -367,7 +367,7 @@ class PrismClient:
         dataset = data.dataset if isinstance(data, DataLoader) else data
         if type(dataset) is not TensorDataset:
             return f"a client's data is a {type(dataset).__name__}, not a TensorDataset"
-        return vectorized.problem(sub.module, self.config.activation_memory)
+        return vectorized.problem(sub.module)
 
     def train_bundles_vectorized(self, bundles: Mapping[int, Mapping[str, Tensor]]) -> dict[int, OrderedDict[str, Tensor]]:
         """Train a round's bundles (by worker index) with the clients of equal sub-model shapes and equal
@@ -388,6 +388,10 @@ class PrismClient:
             groups.setdefault((vectorized.shape_key(sub.module), size, sub.round_idx), []).append(cid)
         done: dict[int, tuple[dict[str, Tensor], int, float, float]] = {}
         s = self.settings
+        if self.config.activation_memory != "full" and "activation_memory" not in self._vectorized_notes:
+            self._vectorized_notes.add("activation_memory")
+            log.info("parallel_clients: vectorized: a batched group trains with plain autograd (the same loss and "
+                     "gradients as activation_memory=%s; it holds the group's activations)", self.config.activation_memory)
         for cids in groups.values():
             if len(cids) == 1:
                 done[cids[0]] = self._train_sub(subs[cids[0]])

@@ -10,7 +10,9 @@ arithmetic step for step: the results equal the sequential ones up to float roun
 
 What cannot be batched is said by :func:`problem` and trains sequentially: BatchNorm with running
 statistics (state outside the parameters), dropout (random draws differ from the sequential path),
-principal-width activations (a custom autograd function), data that is not a ``TensorDataset``.
+recurrent layers, data that is not a ``TensorDataset``. ``activation_memory: principal`` (selective
+recomputation, a custom autograd function) changes what a client holds for backward, not its loss or
+gradients: a batched group trains with plain autograd and holds the whole group's activations.
 """
 
 from __future__ import annotations
@@ -28,10 +30,8 @@ from .layers import PrincipalLayer
 from .train import TrainStats, principal_regularizer
 
 
-def problem(module: nn.Module, activation_memory: str = "full") -> str | None:
+def problem(module: nn.Module) -> str | None:
     """Why ``module`` cannot be trained vectorized (None: it can)."""
-    if activation_memory != "full":
-        return f"activation_memory={activation_memory} uses selective recomputation (a custom autograd function)"
     for name, m in module.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             return f"{name} is a BatchNorm with running statistics (static_bn: false)"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -87,6 +88,12 @@ def _start_worker(build: Callable[[], PrismClient], threads: int) -> None:
     _CLIENT = build()
 
 
+def _ready(linger_s: float) -> int:
+    """A warm-up task: each waits a little so that the pool starts a worker per task."""
+    time.sleep(linger_s)
+    return os.getpid()
+
+
 def _train_in_worker(blob: bytes) -> bytes:
     assert _CLIENT is not None, "worker not started"
     return to_bytes(_CLIENT.train_bundle(from_bytes(blob)))
@@ -104,6 +111,10 @@ class ProcessClients:
         ctx = torch.multiprocessing.get_context("spawn")
         self._pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_start_worker,
                                          initargs=(build, threads))
+        # start every worker now (spawn, imports, the client's data), not inside the first round
+        ready = [self._pool.submit(_ready, 0.2) for _ in range(processes)]
+        started = {f.result() for f in ready}
+        log.debug("parallel_clients: %d worker processes started (%d answered)", processes, len(started))
 
     def train(self, bundles: Mapping[int, Mapping[str, Tensor]]) -> dict[int, Bundle]:
         """Every worker index's bundle trained; the uploads by the same indices."""
