@@ -6,6 +6,8 @@
   Components no client trained are copied bit for bit.
 - :func:`average_elements`: FedAvg of dense entries; for the channel baselines (HeteroFL, FedRolex)
   every element is averaged over the clients that hold it, and elements nobody held stay as they were.
+- :func:`mix_history`: the coverage-aware step (``history_mix: τ``): component ``i`` moves
+  ``C_i / (C_i + τ)`` of the way from its previous value to Eq. 3's average.
 - :func:`check_update`: why an update must be left out (wrong keys, shapes, indices, non-finite).
 - Momentum (``optimizer_state: aggregate``): the clients' SGD buffers go through the same two
   functions (:func:`momentum_view`), so factor buffers get Eq. 3's ``α_i^c`` and dense buffers the
@@ -64,6 +66,23 @@ def aggregate_components(
             v[hit] = (sum_v[hit] / w.view(-1, *([1] * (v.dim() - 1)))).to(v.dtype)
         out[name] = Factors(u, f.sigma.clone(), v)
     return out
+
+
+def mix_history(agg: Factors, old: Factors, hits: Tensor, tau: float) -> Factors:
+    """Per component ``i``: ``old_i + s_i·(agg_i − old_i)`` with ``s_i = C_i / (C_i + τ)``, ``C_i = hits[i]``
+    the number of clients that trained it (FedHM's blend with the previous model where few clients
+    trained; ``τ = 0`` returns ``agg``). σ is taken from ``agg`` (it is frozen in Eq. 3). Untrained
+    components (``C_i = 0``) stay ``old``'s bit for bit."""
+    if tau == 0:
+        return agg
+    step = hits.to(torch.float64) / (hits.to(torch.float64) + tau)
+    u = old.u.to(torch.float64) + (agg.u.to(torch.float64) - old.u.to(torch.float64)) * step
+    shape = (-1, *([1] * (old.v.dim() - 1)))
+    v = old.v.to(torch.float64) + (agg.v.to(torch.float64) - old.v.to(torch.float64)) * step.view(shape)
+    trained = hits > 0
+    u = torch.where(trained, u.to(old.u.dtype), old.u)
+    v = torch.where(trained.view(shape), v.to(old.v.dtype), old.v)
+    return Factors(u, agg.sigma, v)
 
 
 def _scatter(value: Tensor, shape: torch.Size, rows: Tensor | None, cols: Tensor | None) -> tuple[Tensor, Tensor]:

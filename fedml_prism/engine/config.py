@@ -36,6 +36,10 @@ RULES = ("default", "paper")
 #: its inputs and its principal layers' narrow outputs, the full-width part is recomputed; dense blocks
 #: keep their conv / matmul outputs and recompute BN + activation) or ``full`` (plain autograd).
 ACTIVATION_MEMORY = ("principal", "full")
+#: The server's step on the round's aggregated change (Reddi et al. 2021, "Adaptive Federated
+#: Optimization"): ``none`` (the aggregate is the new model, FedAvg), ``avgm`` (server momentum,
+#: FedAvgM) or ``adam`` (FedAdam); see :mod:`fedml_prism.engine.server_opt`.
+SERVER_OPTIMIZERS = ("none", "avgm", "adam")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -104,6 +108,18 @@ class PrismConfig:
             for backward its inputs and its principal layers' narrow r′-channel outputs and recomputes
             the full-width part; for the dense and channel strategies, BN + activation are recomputed
             from the kept conv outputs) or ``full`` (plain autograd). Same loss, gradients and updates.
+        top_share: hybrid sampling (``prism`` / ``uniform``): of each layer's ``k`` kept components the top
+            ``round(top_share·k)`` are always sent, the rest are sampled ``∝ σ^κ`` without replacement from
+            the tail (0: the paper's sampling; 1: the same sub-model as ``orthdrop``).
+        history_mix: τ ≥ 0 of the coverage-aware step (principal strategies): a component trained by
+            ``C_i`` of the round's clients moves ``C_i / (C_i + τ)`` of the way from its previous value to
+            Eq. 3's average (0: Eq. 3 as is; FedHM's blend with the previous model where few trained).
+        server_optimizer: ``none``, ``avgm`` (FedAvgM) or ``adam`` (FedAdam) on the round's aggregated
+            change of every trainable weight (the dense product of factorized layers, before the refresh).
+        server_lr: the server's step size η (``avgm``: ``w ← w + η·m``; ``adam``: ``w ← w + η·m/(√v+ε)``).
+        server_momentum: β₁ (``avgm``: ``m ← β₁·m + Δ``; ``adam``: ``m ← β₁·m + (1−β₁)·Δ``).
+        server_beta2: β₂ of ``adam`` (``v ← β₂·v + (1−β₂)·Δ²``).
+        server_eps: ε of ``adam`` (Reddi et al.'s τ, the adaptivity floor).
     """
 
     strategy: str = "prism"
@@ -129,6 +145,14 @@ class PrismConfig:
     optimizer_state: str = "aggregate"
     warmup_rounds: int = 0
     activation_memory: str = "principal"
+    # variants of issue 21 (docs/fidelity.md#variants): off by default
+    top_share: float = 0.0
+    history_mix: float = 0.0
+    server_optimizer: str = "none"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    server_beta2: float = 0.99
+    server_eps: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.strategy not in known_strategies():
@@ -158,6 +182,7 @@ class PrismConfig:
             _fail("optimizer_state", self.optimizer_state, f"one of {', '.join(OPTIMIZER_STATES)}")
         if isinstance(self.warmup_rounds, bool) or not isinstance(self.warmup_rounds, int) or self.warmup_rounds < 0:
             _fail("warmup_rounds", self.warmup_rounds, "an integer >= 0")
+        self._check_variants()
         for name in ("refresh", "static_bn", "skip_first_conv", "skip_1x1", "skip_classifier", "skip_no_saving"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "true or false")
@@ -172,6 +197,37 @@ class PrismConfig:
             if not all(isinstance(p, str) and p for p in value):
                 _fail(name, value, "a list of module name patterns or type names")
             object.__setattr__(self, name, tuple(value))
+
+    def _check_variants(self) -> None:
+        def number(name: str, low: float, high: float, allowed: str, low_open: bool = False) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
+                (low < value if low_open else low <= value) and value <= high
+            ):
+                _fail(name, value, allowed)
+
+        number("top_share", 0.0, 1.0, "a number in [0, 1]")
+        number("history_mix", 0.0, math.inf, "a finite number >= 0")
+        number("server_lr", 0.0, math.inf, "a finite number > 0", low_open=True)
+        number("server_momentum", 0.0, 1.0, "a number in [0, 1)")
+        number("server_beta2", 0.0, 1.0, "a number in [0, 1)")
+        number("server_eps", 0.0, math.inf, "a finite number > 0", low_open=True)
+        for name in ("server_momentum", "server_beta2"):
+            if getattr(self, name) == 1.0:
+                _fail(name, getattr(self, name), "a number in [0, 1)")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            _fail("server_optimizer", self.server_optimizer, f"one of {', '.join(SERVER_OPTIMIZERS)}")
+        if self.server_optimizer != "none" and self.strategy not in STRATEGIES:
+            _fail("server_optimizer", self.server_optimizer,
+                  f"none for strategy {self.strategy!r} (the server step applies to {', '.join(STRATEGIES)})")
+        if self.server_optimizer != "none" and not self.refresh:
+            _fail("server_optimizer", self.server_optimizer,
+                  "none with refresh: false (the server step is taken on the dense product, which the refresh decomposes)")
+        if self.top_share > 0 and self.strategy not in ("prism", "uniform"):
+            _fail("top_share", self.top_share, f"0 for strategy {self.strategy!r} (hybrid sampling applies to prism and uniform)")
+        if self.history_mix > 0 and self.strategy not in PRINCIPAL_STRATEGIES:
+            _fail("history_mix", self.history_mix,
+                  f"0 for strategy {self.strategy!r} (the coverage-aware step applies to {', '.join(PRINCIPAL_STRATEGIES)})")
 
     @staticmethod
     def _check_capacities(capacities: Mapping[Any, Any]) -> dict[float, float]:

@@ -26,6 +26,7 @@ from .aggregate import (
     check_update,
     component_change,
     frobenius_inner,
+    mix_history,
     momentum_view,
     rotate_momentum_by,
     unscale_sqrt,
@@ -36,16 +37,17 @@ from .config import STRATEGIES, PrismConfig
 from .decompose import Factors, factorizable_layers
 from .layers import convert_static_bn
 from .rank import effective_kernels
-from .refresh import Refreshed, block_refresh, decompose_qr, dense_refresh
+from .refresh import Refreshed, block_refresh, decompose_qr, weight_refresh
 from .sampling import (
     draw_capacity,
     first_channels,
+    hybrid_components,
     keep_count,
     make_generator,
     rolling_channels,
-    sample_components,
     top_components,
 )
+from .server_opt import ServerOptimizer
 from .submodel import META, MOMENTUM, RESERVED, SubModel, build_module, meta_skeleton
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,9 @@ class PrincipalModel:
             for name, f in self.factors.items():
                 self.momentum[name + ".u"] = torch.zeros_like(f.u)
                 self.momentum[name + ".v"] = torch.zeros_like(f.v)
+        #: FedAvgM / FedAdam on the round's aggregated change (``server_optimizer``), else None
+        self.server_opt = ServerOptimizer(self.config) if self.config.server_optimizer != "none" else None
+        self._trainable = {k for k, _ in self.skeleton.named_parameters()}
         self.rounds_done = 0
         self._sent: dict[int, _Sent] = {}
         self._open_round: int | None = None
@@ -197,7 +202,8 @@ class PrincipalModel:
             if top_k:
                 idx = top_components(rank, keep)
             else:
-                idx = sample_components(f.sigma, keep, self.config.kappa, g)
+                top = round(self.config.top_share * keep)
+                idx = hybrid_components(f.sigma, keep, top, self.config.kappa, g)
             components[name] = idx
             kept = Factors(f.u[:, idx], f.sigma[idx], f.v[idx])
             if self.config.factor_scale == "sqrt":
@@ -274,7 +280,12 @@ class PrincipalModel:
         # a fixed order (by client id) makes the float sums independent of arrival order
         contributions = [c for _, c in sorted(contributions, key=lambda item: item[0])]
         if contributions:
+            before = self.dense
             self.dense = average_elements(self.dense, contributions)
+            if self.server_opt is not None:
+                for key in self.dense:
+                    if key in self._trainable and self.dense[key].is_floating_point():
+                        self.dense[key] = self.server_opt.step(key, before[key], self.dense[key])
             if self.momentum:
                 views = [momentum_view(c) for c in contributions]
                 dense_keys = [k for k in self.momentum if k in self.dense]
@@ -296,6 +307,8 @@ class PrincipalModel:
         work = {n: _sqrt_form(f) for n, f in old.items()} if sqrt else old
         factors = aggregate_components(work, contributions)
         hits = {n: _hits(n, len(f.sigma), contributions) for n, f in old.items()}
+        if self.config.history_mix > 0:
+            factors = {n: mix_history(factors[n], work[n], hits[n], self.config.history_mix) for n in factors}
         if sqrt:
             factors = {n: unscale_sqrt(factors[n], old[n], hits[n] > 0) for n in factors}
         report.coverage = sum(int((h > 0).sum()) for h in hits.values()) / max(1, sum(len(h) for h in hits.values()))
@@ -307,7 +320,10 @@ class PrincipalModel:
                 {n: Factors(self.momentum[n + ".u"], old[n].sigma, self.momentum[n + ".v"]) for n in old}, views
             )
         refreshed: dict[str, Refreshed] = {}
-        if self.config.refresh:
+        if self.server_opt is not None:
+            refreshed = self._server_step(old, factors, report)
+            factors = {n: refreshed[n].factors if n in refreshed else f for n, f in factors.items()}
+        elif self.config.refresh:
             refreshed = self._refresh(old, factors, hits, report)
             factors = {n: refreshed[n].factors if n in refreshed else f for n, f in factors.items()}
         else:
@@ -337,14 +353,26 @@ class PrincipalModel:
                     continue
                 except (RuntimeError, torch.linalg.LinAlgError) as err:
                     log.info("layer %r: block refresh not applicable (%s); decomposing the dense weight", name, err)
-            try:
-                out[name] = dense_refresh(old[name], f, self.config.svd_dtype, name)
-                self._exact.add(name)
-            except ValueError as err:
-                log.warning("orthogonal refresh skipped for layer %r this round: %s", name, err)
-                report.refresh_failed.append(name)
-                self._exact.discard(name)
+            self._decompose(name, old[name], f.dense(), out, report)
         return out
+
+    def _server_step(self, old: dict[str, Factors], factors: dict[str, Factors], report: AggregateReport) -> dict[str, Refreshed]:
+        """The server optimizer's step on every layer's dense product, then its decomposition (the refresh)."""
+        out: dict[str, Refreshed] = {}
+        for name, f in factors.items():
+            self._decompose(name, old[name], self.server_opt.step(name + ".weight", old[name].dense(), f.dense()), out, report)
+        return out
+
+    def _decompose(self, name: str, old: Factors, weight: Tensor, out: dict[str, Refreshed], report: AggregateReport) -> None:
+        """``out[name]``: the layer decomposed from its dense ``weight``; a layer no precision can decompose
+        keeps its aggregated factors (logged, listed in the report)."""
+        try:
+            out[name] = weight_refresh(old, weight, self.config.svd_dtype, name)
+            self._exact.add(name)
+        except ValueError as err:
+            log.warning("orthogonal refresh skipped for layer %r this round: %s", name, err)
+            report.refresh_failed.append(name)
+            self._exact.discard(name)
 
     # ------------------------------------------------------------------ the dense model
     def dense_state_dict(self) -> OrderedDict[str, Tensor]:
@@ -384,6 +412,7 @@ class PrincipalModel:
             "factors": {n: {"u": f.u, "sigma": f.sigma, "v": f.v} for n, f in self.factors.items()},
             "momentum": dict(self.momentum),
             "exact_svd": sorted(self._exact),
+            "server_optimizer": self.server_opt.state_dict() if self.server_opt is not None else {},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -399,6 +428,8 @@ class PrincipalModel:
         self.momentum = {k: v.clone() for k, v in momentum.items()}
         # checkpoints before the block refresh do not say which layers are an exact SVD: assume none
         self._exact = set(state.get("exact_svd", ())) & set(self.layers)
+        if self.server_opt is not None:
+            self.server_opt.load_state_dict(state.get("server_optimizer", {}))
         self._sent.clear()
         self._open_round = None
 

@@ -177,7 +177,13 @@ def _basis_change(d: Tensor, x: Tensor, keep: Tensor, train: Tensor) -> Tensor:
 
 def dense_refresh(old: Factors, new: Factors, dtype: str = "float32", name: str = "") -> Refreshed:
     """The refresh by decomposing the dense weight (any factors): ``ValueError`` if no precision works."""
-    f = decompose_qr(new.dense(), dtype, name)
+    return weight_refresh(old, new.dense(), dtype, name)
+
+
+def weight_refresh(old: Factors, weight: Tensor, dtype: str = "float32", name: str = "") -> Refreshed:
+    """The new layer decomposed from its dense ``weight`` (e.g. after a server optimizer's step), with the
+    basis change from ``old``: ``ValueError`` if no precision works."""
+    f = decompose_qr(weight, dtype, name)
     q_u = old.u.t().to(_F64) @ f.u.to(_F64)
     q_v = old.v.flatten(1).to(_F64) @ f.v.flatten(1).t().to(_F64)
     inner = float(((q_u * q_v) * (old.sigma.to(_F64)[:, None] * f.sigma.to(_F64)[None, :])).sum())

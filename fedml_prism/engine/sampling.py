@@ -5,6 +5,8 @@ is touched, so a server and a client process compute the same choice independent
 
 - ``prism``: ``ceil(ρ·r)`` components without replacement, ``p_i ∝ σ_i^κ`` (paper Eq. 2; sequential
   draws renormalised after each pick, as ``torch.multinomial`` does). ``κ = 0`` is uniform.
+- hybrid (``top_share``): the top ``round(top_share·k)`` components always, the rest of the ``k`` sampled
+  ``∝ σ^κ`` without replacement from the tail.
 - ``orthdrop``: the top ``ceil(ρ·r)`` components, the same for everyone (FedHM).
 - ``origdrop``: the first ``ceil(ρ·C)`` channels (HeteroFL / FjORD).
 - ``rolex``: a window of ``ceil(ρ·C)`` consecutive channels starting at ``round mod C`` (FedRolex).
@@ -45,6 +47,19 @@ def sample_components(sigma: Tensor, keep: int, kappa: float, generator: torch.G
     p = importance(sigma, kappa)
     idx = torch.multinomial(p, keep, replacement=False, generator=generator)
     return idx.sort().values
+
+
+def hybrid_components(sigma: Tensor, keep: int, top: int, kappa: float, generator: torch.Generator) -> Tensor:
+    """The ``top`` largest components (SVD orders σ descending) and ``keep - top`` more drawn from the
+    others with :func:`sample_components`, sorted ascending. ``top = 0`` draws exactly as
+    :func:`sample_components` does (the same generator gives the same indices)."""
+    top = min(max(int(top), 0), keep)
+    if top == 0:
+        return sample_components(sigma, keep, kappa, generator)
+    if top == keep:
+        return torch.arange(keep)
+    tail = top + sample_components(sigma[top:], keep - top, kappa, generator)
+    return torch.cat([torch.arange(top), tail])
 
 
 def top_components(rank: int, keep: int) -> Tensor:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
+from engine_utils import client_data, small_model
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from fedml_prism import PrincipalModel, PrismConfig
 from fedml_prism.engine.aggregate import rotate_momentum
@@ -19,18 +19,9 @@ from fedml_prism.engine.server import PrismClient, PrismServer, RunSettings
 from fedml_prism.engine.submodel import MOMENTUM
 from fedml_prism.engine.train import local_train
 from fedml_prism.tools.cli import main
-from fedml_prism.workloads.models import cnn, resnet_tiny
+from fedml_prism.workloads.models import resnet_tiny
 
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return cnn(num_classes=4, in_channels=1, image_size=8, width=0.25, hidden=24)
-
-
-def _client_data(n_clients: int) -> dict[int, TensorDataset]:
-    g = torch.Generator().manual_seed(5)
-    return {c: TensorDataset(torch.randn(12, 1, 8, 8, generator=g), torch.randint(0, 4, (12,), generator=g))
-            for c in range(n_clients)}
+_model, _client_data = small_model, client_data
 
 
 def _round(pm: PrincipalModel, client: PrismClient, round_idx: int, clients: list[int]) -> list[ClientUpdate]:

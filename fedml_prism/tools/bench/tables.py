@@ -112,6 +112,26 @@ def sweep_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: the per-run diagnostics :func:`run_diagnostics` gives, in the diagnostics table's column order
+DIAGNOSTICS = ("energy_kept", "coverage", "rank_ratio", "delta_top", "delta_rest", "start_loss", "train_loss",
+               "dense_client_loss")
+
+
+def run_diagnostics(metrics: list[dict[str, Any]]) -> dict[str, float] | None:
+    """One run's diagnostics from its ``metrics.json`` rows (None without per-layer rows): layer means,
+    averaged over the rounds, of ``energy_kept``, ``coverage``, ``delta_top``, ``delta_rest``; ``rank_ratio``
+    (effective rank / rank, last round); and the means over the diagnosed rounds of ``start_loss``,
+    ``train_loss`` and ``dense_client_loss``."""
+    with_layers = [m for m in metrics if m.get("layers")]
+    if not with_layers:
+        return None
+    diagnosed = [m for m in metrics if math.isfinite(num(m.get("start_loss")))]
+    out = {k: fmean(layer_mean(m, k) for m in with_layers) for k in ("energy_kept", "coverage", "delta_top", "delta_rest")}
+    out["rank_ratio"] = rank_ratio(with_layers[-1])
+    out.update({k: fmean(num(m.get(k)) for m in diagnosed) for k in ("start_loss", "train_loss", "dense_client_loss")})
+    return out
+
+
 def diagnostics_table(results_dir: str) -> str:
     """Markdown table of the principal strategies' diagnostics (every run with per-layer rows, first
     seed): layer means, averaged over the rounds, of the energy share the
@@ -132,22 +152,11 @@ def diagnostics_table(results_dir: str) -> str:
     for r in sorted(results, key=lambda r: (r["partition"], r["keep_ratio"], r["strategy"])):
         if r["seed"] != seed or r.get("at_best_lr") is False:
             continue
-        metrics = read_metrics(run_dir(results_dir, r)) or []
-        with_layers = [m for m in metrics if m.get("layers")]
-        if not with_layers:
+        d = run_diagnostics(read_metrics(run_dir(results_dir, r)) or [])
+        if d is None:
             continue
-        sampled = with_layers
-        diagnosed = [m for m in metrics if math.isfinite(num(m.get("start_loss")))]
-
-        def over(rows: list[dict[str, Any]], fn: Any) -> float:
-            return fmean(fn(m) for m in rows)
-
-        cells = [over(sampled, lambda m: layer_mean(m, "energy_kept")), over(sampled, lambda m: layer_mean(m, "coverage")),
-                 rank_ratio(with_layers[-1]), over(sampled, lambda m: layer_mean(m, "delta_top")),
-                 over(sampled, lambda m: layer_mean(m, "delta_rest"))]
-        losses = [over(diagnosed, lambda m, k=k: num(m.get(k))) for k in ("start_loss", "train_loss", "dense_client_loss")]
         body.append(f"| {r['partition']} | {r['strategy']} | {r['keep_ratio']:g} | "
-                    + " | ".join(fmt(v, 3) for v in cells) + " | " + " | ".join(fmt(v, 3) for v in losses) + " |")
+                    + " | ".join(fmt(d[k], 3) for k in DIAGNOSTICS) + " |")
     if not body:
         return "No per-round diagnostics: no principal-strategy run has a metrics.json."
     return "\n".join(lines + body)
