@@ -128,7 +128,7 @@ def test_block_refresh_is_used_and_a_failed_block_falls_back(monkeypatch) -> Non
 
     pm = PrincipalModel(resnet_tiny(num_classes=4, width=0.5), PrismConfig(keep_ratio=0.3, seed=0))
     calls = {"block": 0, "dense": 0}
-    real_block, real_dense = principal.block_refresh, principal.dense_refresh
+    real_block, real_dense = principal.block_refresh, principal.weight_refresh
 
     def failing_block(*args, **kwargs):
         calls["block"] += 1
@@ -141,7 +141,7 @@ def test_block_refresh_is_used_and_a_failed_block_falls_back(monkeypatch) -> Non
         return real_dense(*args, **kwargs)
 
     monkeypatch.setattr(principal, "block_refresh", failing_block)
-    monkeypatch.setattr(principal, "dense_refresh", counting_dense)
+    monkeypatch.setattr(principal, "weight_refresh", counting_dense)
     _round(pm, 0)
     assert calls == {"block": len(pm.layers), "dense": 1}
     for f in pm.factors.values():
