@@ -199,22 +199,17 @@ class PrismConfig:
             object.__setattr__(self, name, tuple(value))
 
     def _check_variants(self) -> None:
-        def number(name: str, low: float, high: float, allowed: str, low_open: bool = False) -> None:
+        def number(name: str, allowed: str, ok: Any) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
-                (low < value if low_open else low <= value) and value <= high
-            ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
                 _fail(name, value, allowed)
 
-        number("top_share", 0.0, 1.0, "a number in [0, 1]")
-        number("history_mix", 0.0, math.inf, "a finite number >= 0")
-        number("server_lr", 0.0, math.inf, "a finite number > 0", low_open=True)
-        number("server_momentum", 0.0, 1.0, "a number in [0, 1)")
-        number("server_beta2", 0.0, 1.0, "a number in [0, 1)")
-        number("server_eps", 0.0, math.inf, "a finite number > 0", low_open=True)
-        for name in ("server_momentum", "server_beta2"):
-            if getattr(self, name) == 1.0:
-                _fail(name, getattr(self, name), "a number in [0, 1)")
+        number("top_share", "a number in [0, 1]", lambda v: 0 <= v <= 1)
+        number("history_mix", "a finite number >= 0", lambda v: v >= 0)
+        number("server_lr", "a finite number > 0", lambda v: v > 0)
+        number("server_momentum", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        number("server_beta2", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        number("server_eps", "a finite number > 0", lambda v: v > 0)
         if self.server_optimizer not in SERVER_OPTIMIZERS:
             _fail("server_optimizer", self.server_optimizer, f"one of {', '.join(SERVER_OPTIMIZERS)}")
         if self.server_optimizer != "none" and self.strategy not in STRATEGIES:

@@ -135,15 +135,14 @@ class PrincipalModel:
         #: SGD momentum in the global model's coordinates (``optimizer_state: aggregate``): one buffer
         #: per trainable dense parameter, and ``<layer>.u`` / ``<layer>.v`` per factorized layer
         self.momentum: dict[str, Tensor] = {}
+        self._trainable = {k for k, _ in self.skeleton.named_parameters()}
         if self.config.optimizer_state == "aggregate":
-            trainable = {k for k, _ in self.skeleton.named_parameters()}
-            self.momentum = {k: torch.zeros_like(v) for k, v in self.dense.items() if k in trainable}
+            self.momentum = {k: torch.zeros_like(v) for k, v in self.dense.items() if k in self._trainable}
             for name, f in self.factors.items():
                 self.momentum[name + ".u"] = torch.zeros_like(f.u)
                 self.momentum[name + ".v"] = torch.zeros_like(f.v)
         #: FedAvgM / FedAdam on the round's aggregated change (``server_optimizer``), else None
         self.server_opt = ServerOptimizer(self.config) if self.config.server_optimizer != "none" else None
-        self._trainable = {k for k, _ in self.skeleton.named_parameters()}
         self.rounds_done = 0
         self._sent: dict[int, _Sent] = {}
         self._open_round: int | None = None
@@ -322,12 +321,11 @@ class PrincipalModel:
         refreshed: dict[str, Refreshed] = {}
         if self.server_opt is not None:
             refreshed = self._server_step(old, factors, report)
-            factors = {n: refreshed[n].factors if n in refreshed else f for n, f in factors.items()}
         elif self.config.refresh:
             refreshed = self._refresh(old, factors, hits, report)
-            factors = {n: refreshed[n].factors if n in refreshed else f for n, f in factors.items()}
         else:
             self._exact -= {n for n, h in hits.items() if bool((h > 0).any())}
+        factors = {n: refreshed[n].factors if n in refreshed else f for n, f in factors.items()}
         for name, f in factors.items():
             done = refreshed.get(name)
             if name in momentum_factors:
